@@ -1,0 +1,74 @@
+"""Feature extractors by name: our small residual CNNs, or any `timm` model.
+
+`create_backbone(name, in_chans)` returns a module mapping (B, C, H, W) images to (B, D)
+features with `.num_features = D`. Names: the keys of BUILTIN, or `timm:<model>` for any
+model `timm.list_models()` knows. Pretrained weights only when asked (`pretrained=True`):
+nothing touches the network by default.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A residual CNN for 28-32 px images: a stem and three stages (widths w, 2w, 4w), the
+    last two halving the resolution, then global average pooling to 4w features."""
+
+    def __init__(self, in_chans: int = 1, width: int = 32, blocks: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stages, c = [], width
+        for i, n in enumerate(blocks):
+            c_out = width * 2**i
+            layers = [BasicBlock(c, c_out, 1 if i == 0 else 2)]
+            layers += [BasicBlock(c_out, c_out, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*layers))
+            c = c_out
+        self.stages = nn.Sequential(*stages)
+        self.num_features = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))  # (B, 4w, H/4, W/4)
+        return x.mean((2, 3))  # (B, 4w)
+
+
+BUILTIN = {
+    "small_resnet": dict(width=32, blocks=(1, 1, 1)),  # 128 features, ~0.7M params
+    "small_resnet_wide": dict(width=64, blocks=(1, 1, 1)),  # 256 features, ~2.8M params
+}
+
+
+def create_backbone(name: str, in_chans: int, pretrained: bool = False) -> nn.Module:
+    """A backbone by name: one of BUILTIN, or `timm:<model>`."""
+    if name in BUILTIN:
+        if pretrained:
+            raise ValueError(f"--pretrained: backbone {name!r} has no pretrained weights")
+        return SmallResNet(in_chans, **BUILTIN[name])
+    if name.startswith("timm:"):
+        import timm
+
+        model_name = name[len("timm:"):]
+        if model_name not in timm.list_models(pretrained=False):
+            raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models()")
+        # num_classes=0 makes timm return pooled features of size model.num_features
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
+    raise ValueError(f"unknown backbone {name!r}; valid choices: {sorted(BUILTIN)} or 'timm:<model name>'")

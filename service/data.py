@@ -1,0 +1,211 @@
+"""Datasets as in-memory uint8 tensors, and vectorised batch augmentation.
+
+Every loader returns a `Split` pair (train, test): images (N, C, H, W) uint8 and labels
+(N,) int64, with the class names. The whole set sits in memory (Fashion-MNIST 47 MB,
+CIFAR-10 180 MB), so batches are index slices and augmentation is a few tensor ops.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+# per-channel mean and std of the training sets, used for normalisation
+NORMALIZATION = {
+    "fashion-mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+
+    @property
+    def in_chans(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    def normalization(self) -> tuple[list[float], list[float]]:
+        if self.name in NORMALIZATION:
+            return NORMALIZATION[self.name]
+        x = self.train.images[:10000].float().div(255)
+        return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+
+
+class DatasetMissing(FileNotFoundError):
+    pass
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist(data_dir: str | None = None, download: bool = False) -> Dataset:
+    """The four IDX files from `data_dir`, else the Debian package's folder, else (only with
+    download=True) torchvision's download."""
+    candidates = [Path(data_dir)] if data_dir else []
+    candidates += [FASHION_MNIST_DIR, Path("data/FashionMNIST/raw")]
+    for d in candidates:
+        files = {k: d / f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz"
+                 for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+        if all(p.exists() for p in files.values()):
+            return Dataset("fashion-mnist",
+                           Split(torch.from_numpy(_read_idx(files["train-images"]).copy()).unsqueeze(1),
+                                 torch.from_numpy(_read_idx(files["train-labels"]).astype(np.int64))),
+                           Split(torch.from_numpy(_read_idx(files["t10k-images"]).copy()).unsqueeze(1),
+                                 torch.from_numpy(_read_idx(files["t10k-labels"]).astype(np.int64))),
+                           list(FASHION_MNIST_CLASSES))
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST("data", train=True, download=True)
+        FashionMNIST("data", train=False, download=True)
+        return load_fashion_mnist("data/FashionMNIST/raw")
+    raise DatasetMissing(
+        f"Fashion-MNIST not found in {[str(c) for c in candidates]}. Install it with "
+        "`apt-get update && apt-get install -y dataset-fashion-mnist`, pass --data-dir, "
+        "or pass --download to fetch it with torchvision.")
+
+
+def load_cifar10(data_dir: str | None = None, download: bool = False) -> Dataset:
+    """torchvision's CIFAR-10 (python pickle-free batches are not offered, so this reads
+    torchvision's files) from `data_dir` (default ./data), downloading only when asked."""
+    from torchvision.datasets import CIFAR10
+
+    root = data_dir or "data"
+    try:
+        train = CIFAR10(root, train=True, download=download)
+        test = CIFAR10(root, train=False, download=download)
+    except RuntimeError as e:
+        raise DatasetMissing(
+            f"CIFAR-10 not found under {root!r} ({e}). Pass --download to fetch it, or use "
+            "--dataset imagefolder --data-dir <folder or .zip of class sub-folders>.") from e
+    def split(ds) -> Split:
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+    return Dataset("cifar10", split(train), split(test), list(train.classes))
+
+
+def load_imagefolder(path: str, name: str | None = None) -> Dataset:
+    """A folder or .zip holding train/<class>/* and test/<class>/* images."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.exists():
+        raise DatasetMissing(f"image folder {path!r} does not exist; expected a folder or .zip with "
+                             "train/<class>/ and test/<class>/ sub-folders")
+    entries: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}  # split -> (class, member)
+    if p.suffix == ".zip":
+        zf = zipfile.ZipFile(p)
+        names = zf.namelist()
+        read = zf.read
+    else:
+        names = [str(f.relative_to(p)) for f in p.rglob("*") if f.is_file()]
+        read = lambda n: (p / n).read_bytes()  # noqa: E731
+    for n in names:
+        parts = n.split("/")
+        if len(parts) >= 3 and parts[-3] in entries and n.lower().endswith(IMAGE_SUFFIXES):
+            entries[parts[-3]].append((parts[-2], n))
+    if not entries["train"] or not entries["test"]:
+        raise DatasetMissing(f"{path!r} holds no train/<class>/ and test/<class>/ images")
+    classes = sorted({c for c, _ in entries["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+
+    def split(items: list[tuple[str, str]]) -> Split:
+        items = sorted(items)
+        first = np.asarray(Image.open(io.BytesIO(read(items[0][1]))))
+        mode = "L" if first.ndim == 2 else "RGB"
+        arr = np.stack([np.asarray(Image.open(io.BytesIO(read(n))).convert(mode)) for _, n in items])
+        x = torch.from_numpy(arr)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return Split(x.contiguous(), torch.tensor([index[c] for c, _ in items]))
+
+    stem = name or ("cifar10" if classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                 "horse", "ship", "truck"] else p.stem)
+    return Dataset(stem, split(entries["train"]), split(entries["test"]), classes)
+
+
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+
+
+def load_dataset(name: str, data_dir: str | None = None, download: bool = False) -> Dataset:
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir, download)
+    if name == "cifar10":
+        if data_dir and (data_dir.endswith(".zip") or os.path.isdir(os.path.join(data_dir, "train"))):
+            return load_imagefolder(data_dir, "cifar10")
+        return load_cifar10(data_dir, download)
+    if name == "imagefolder":
+        if not data_dir:
+            raise DatasetMissing("--dataset imagefolder needs --data-dir <folder or .zip>")
+        return load_imagefolder(data_dir)
+    raise ValueError(f"unknown dataset {name!r}; valid choices: {list(DATASETS)}")
+
+
+def keep_classes(ds: Dataset, exclude: list[str]) -> Dataset:
+    """The dataset without the named classes, remaining labels renumbered in order."""
+    unknown = [c for c in exclude if c not in ds.classes]
+    if unknown:
+        raise ValueError(f"--exclude-classes: unknown {unknown}; classes are {ds.classes}")
+    kept = [c for c in ds.classes if c not in exclude]
+    remap = torch.full((len(ds.classes),), -1, dtype=torch.int64)
+    for i, c in enumerate(kept):
+        remap[ds.classes.index(c)] = i
+
+    def split(s: Split) -> Split:
+        new = remap[s.labels]
+        keep = new >= 0
+        return Split(s.images[keep], new[keep])
+    return Dataset(ds.name, split(ds.train), split(ds.test), kept)
+
+
+def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (zero fill) and random horizontal flip, per
+    sample, as one gather: (B, C, H, W) -> (B, C, H, W)."""
+    B, C, H, W = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator)
+    rows = dy + torch.arange(H)  # (B, H)
+    cols = dx + torch.arange(W)  # (B, W)
+    if flip:
+        flipped = torch.rand(B, 1, generator=generator) < 0.5
+        cols = torch.where(flipped, cols.flip(1), cols)
+    b = torch.arange(B).view(B, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[b, rows.unsqueeze(2), cols.unsqueeze(1)]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()

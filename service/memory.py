@@ -1,0 +1,339 @@
+"""Feature memories: stored (feature, label) items answered by cosine similarity.
+
+Two kinds, built by name through `create_memory`:
+
+- `CachedMemory`: plain buffers of L2-normalised keys and int64 labels. Nothing is learnt;
+  it is a write-through cache of features seen in training or taught through feedback.
+- `TrainableMemory`: keys and values are `nn.Parameter`s trained by the contrastive loss.
+  A written slot gets the normalised feature as key and a one-hot value row.
+
+Both share retrieval, the contrastive loss and the bookkeeping; they differ only in how a
+slot's key and class distribution are read and in the replacement rule when full.
+
+Definitions (also in the README):
+- A slot's *class distribution* is its value row clamped at 0 and normalised to sum 1
+  (cached: the one-hot of its label).
+- Retrieval takes the `top_k` most similar filled slots, weights them by
+  softmax(similarity / temperature) and sums their class distributions into a vote.
+  `confidence = vote[winner] * max(0, similarity of the nearest slot)`: agreement of the
+  neighbours times how close the nearest one is, so a far-away query is never confident.
+  An exact match (similarity >= `EXACT_MATCH`) is decisive: its label with confidence 1.
+- A trainable slot's *slot confidence* is the largest share of its class distribution: 1
+  when its value is still the one-hot that was written, lower as training spreads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EMPTY = -1
+EXACT_MATCH = 0.9999  # cosine similarity above which a stored item is the query itself
+
+# actions in UpdateReport.action
+SKIPPED, ADDED, REPLACED = 0, 1, 2
+ACTION_NAMES = {SKIPPED: "skipped", ADDED: "added", REPLACED: "replaced"}
+
+
+@dataclass
+class MemoryConfig:
+    capacity: int = 10000
+    """Number of slots (items) the memory holds."""
+    feature_dim: int = 128
+    """Length of each stored feature vector."""
+    num_classes: int = 10
+    """Size of the memory's label space (may exceed the network head's classes)."""
+    similarity_threshold: float = 0.95
+    """When full, an example whose best similarity is below this replaces a slot; others are skipped."""
+    temperature: float = 0.1
+    """Softmax temperature of retrieval weights and of the contrastive loss."""
+    top_k: int = 5
+    """Neighbours that vote in retrieval."""
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError(f"--memory-size must be >= 1, got {self.capacity}")
+        if self.feature_dim < 1:
+            raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not -1.0 <= self.similarity_threshold <= 1.0:
+            raise ValueError(f"--similarity-threshold must be in [-1, 1], got {self.similarity_threshold}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class Retrieval:
+    labels: torch.Tensor  # (B,) int64, EMPTY when the memory is empty
+    confidence: torch.Tensor  # (B,) in [0, 1]
+    slots: torch.Tensor  # (B, k) int64 nearest slots, EMPTY where fewer than k are filled
+    similarity: torch.Tensor  # (B, k) cosine similarity of those slots (-inf where EMPTY)
+    class_scores: torch.Tensor  # (B, C) the neighbours' vote
+
+
+@dataclass
+class UpdateReport:
+    action: torch.Tensor  # (B,) SKIPPED / ADDED / REPLACED
+    slot: torch.Tensor  # (B,) slot written, EMPTY when skipped
+    previous_label: torch.Tensor  # (B,) label the slot held before (EMPTY if it was empty)
+
+    def names(self) -> list[str]:
+        return [ACTION_NAMES[int(a)] for a in self.action]
+
+
+class Memory(nn.Module):
+    """Shared state and logic. Subclasses define keys, class distributions and replacement."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__()
+        self.config = config
+        M = config.capacity
+        # label written into each slot; EMPTY marks a free slot
+        self.register_buffer("labels", torch.full((M,), EMPTY, dtype=torch.int64))
+        # write counter at the time each slot was written: ties in replacement go to the oldest
+        self.register_buffer("written_at", torch.zeros(M, dtype=torch.int64))
+        self.register_buffer("writes", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("replacements", torch.zeros((), dtype=torch.int64))
+
+    # --- what subclasses provide -------------------------------------------------------
+    def normalized_keys(self) -> torch.Tensor:  # (M, D)
+        raise NotImplementedError
+
+    def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:  # (..., C)
+        raise NotImplementedError
+
+    def _write(self, slots: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _choose_replacements(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Slot each example (rows of sims, (N, M)) replaces; distinct slots, EMPTY = skip."""
+        raise NotImplementedError
+
+    # --- bookkeeping ---------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.config.capacity
+
+    @property
+    def size(self) -> int:
+        return int((self.labels != EMPTY).sum())
+
+    def filled(self) -> torch.Tensor:  # (M,) bool
+        return self.labels != EMPTY
+
+    def class_counts(self) -> torch.Tensor:  # (C,)
+        held = self.labels[self.filled()]
+        return torch.bincount(held, minlength=self.config.num_classes)
+
+    def _similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each query to every slot, -inf for empty slots."""
+        q = F.normalize(features, dim=-1)  # (B, D)
+        sims = q @ self.normalized_keys().T  # (B, M)
+        return sims.masked_fill(~self.filled(), float("-inf"))
+
+    # --- retrieval -------------------------------------------------------------------------
+    def retrieve(self, features: torch.Tensor, k: int | None = None) -> Retrieval:
+        """Nearest filled slots of each query and the neighbours' vote; see module docstring."""
+        k = min(k or self.config.top_k, self.capacity)
+        sims = self._similarities(features)  # (B, M)
+        top_sim, top_slot = sims.topk(k, dim=-1)  # (B, k)
+        valid = torch.isfinite(top_sim)  # (B, k) False where fewer than k slots are filled
+        top_slot = top_slot.masked_fill(~valid, EMPTY)
+
+        weights = torch.softmax(top_sim / self.config.temperature, dim=-1)  # (B, k)
+        weights = torch.nan_to_num(weights, nan=0.0)  # a row of all -inf (empty memory) gives NaN
+        dist = self.class_distribution(top_slot.clamp_min(0))  # (B, k, C)
+        votes = (weights.unsqueeze(-1) * dist).sum(1)  # (B, C)
+
+        exact = valid[:, 0] & (top_sim[:, 0] >= EXACT_MATCH)  # (B,)
+        votes = torch.where(exact.unsqueeze(-1), dist[:, 0], votes)
+        share, labels = votes.max(-1)  # (B,)
+        nearest = torch.where(valid[:, 0], top_sim[:, 0], torch.zeros_like(share)).clamp(0, 1)
+        confidence = torch.where(exact, torch.ones_like(share), share * nearest)
+        labels = labels.masked_fill(~valid[:, 0], EMPTY)
+        confidence = confidence.masked_fill(~valid[:, 0], 0.0).clamp(0, 1)
+        return Retrieval(labels, confidence, top_slot, top_sim, votes)
+
+    # --- loss ------------------------------------------------------------------------------
+    def contrastive_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Supervised contrastive loss of queries against memory items (NCA form).
+
+        p = softmax(cos(query, item) / temperature) over filled items; the loss of a query is
+        -log(sum_m p_m * dist_m[label]), the probability mass on items of its class. Queries
+        whose class the memory does not hold add nothing; with none left the loss is a
+        differentiable zero.
+        """
+        filled = self.filled()
+        zero = features.sum() * 0.0
+        if not bool(filled.any()):
+            return zero
+        slots = filled.nonzero().squeeze(1)  # (F,)
+        q = F.normalize(features, dim=-1)  # (B, D)
+        logits = q @ self.normalized_keys()[slots].T / self.config.temperature  # (B, F)
+        log_p = torch.log_softmax(logits, dim=-1)  # (B, F)
+        dist = self.class_distribution(slots)  # (F, C)
+        positive = dist[:, labels].T  # (B, F) how much each item speaks for the query's label
+        has_positive = (positive > 0).any(-1)  # (B,)
+        if not bool(has_positive.any()):
+            return zero
+        # log sum_m p_m * w_m, computed stably in log space; log(0) -> -inf is masked out
+        log_w = torch.log(positive.clamp_min(1e-12))
+        per_query = -torch.logsumexp(log_p + log_w, dim=-1)  # (B,)
+        return per_query[has_positive].mean()
+
+    # --- writes ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> UpdateReport:
+        """Write a batch: fill empty slots in order, then apply the replacement rule."""
+        B = features.shape[0]
+        features = features.detach().to(self.labels.device, torch.float32)
+        labels = labels.to(self.labels.device, torch.int64)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_classes):
+            raise ValueError(f"labels must be in [0, {self.config.num_classes}), got {labels.tolist()}")
+        action = torch.full((B,), SKIPPED, dtype=torch.int64)
+        slot = torch.full((B,), EMPTY, dtype=torch.int64)
+        previous = torch.full((B,), EMPTY, dtype=torch.int64)
+
+        free = (~self.filled()).nonzero().squeeze(1)  # (E,) empty slots in index order
+        n_fill = min(B, free.numel())
+        if n_fill:
+            slot[:n_fill] = free[:n_fill]
+            action[:n_fill] = ADDED
+        rest = torch.arange(n_fill, B)
+        if rest.numel():
+            # compared with the memory as it is before this batch's own fills
+            sims = self._similarities(features[rest])  # (R, M)
+            best = sims.max(-1).values  # (R,)
+            wants = best < self.config.similarity_threshold  # (R,)
+            chosen = torch.full((rest.numel(),), EMPTY, dtype=torch.int64)
+            if bool(wants.any()):
+                taken = torch.zeros(self.capacity, dtype=torch.bool)
+                taken[slot[:n_fill]] = True
+                chosen[wants] = self._choose_replacements(
+                    sims[wants].masked_fill(taken, float("nan")), labels[rest][wants])
+            ok = chosen != EMPTY
+            slot[rest[ok]] = chosen[ok]
+            previous[rest[ok]] = self.labels[chosen[ok]]
+            action[rest[ok]] = REPLACED
+
+        w = slot != EMPTY
+        if bool(w.any()):
+            self._write(slot[w], F.normalize(features[w], dim=-1), labels[w])
+            self.labels[slot[w]] = labels[w]
+            n = int(w.sum())
+            self.written_at[slot[w]] = self.writes + torch.arange(1, n + 1)
+            self.writes += n
+            self.replacements += int((action == REPLACED).sum())
+        return UpdateReport(action, slot, previous)
+
+
+def _assign_distinct(cost: torch.Tensor) -> torch.Tensor:
+    """Give each row the column of lowest cost, no column twice (NaN = unavailable).
+
+    Rounds of argmin: colliding rows keep the first, the others retry without the columns
+    taken. Rounds, not rows, are looped over; one round suffices when rows disagree.
+    """
+    N, M = cost.shape
+    cost = cost.clone()
+    result = torch.full((N,), EMPTY, dtype=torch.int64)
+    todo = torch.arange(N)
+    while todo.numel():
+        sub = cost[todo]  # (T, M)
+        available = ~torch.isnan(sub)
+        has = available.any(-1)
+        todo = todo[has]
+        if not todo.numel():
+            break
+        pick = sub[has].nan_to_num(nan=float("inf")).argmin(-1)  # (T,)
+        # first row per column wins: order by (column, row) and keep each column's first
+        order = torch.argsort(pick * N + torch.arange(pick.numel()), stable=True)
+        first = torch.ones(pick.numel(), dtype=torch.bool)
+        first[order[1:]] = pick[order[1:]] != pick[order[:-1]]
+        result[todo[first]] = pick[first]
+        cost[:, pick[first]] = float("nan")
+        todo = todo[~first]
+    return result
+
+
+class CachedMemory(Memory):
+    """Stored features and labels. When full: replace, among the slots of the example's own
+    class, the one least similar to it; with no slot of its class, the least similar overall."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__(config)
+        self.register_buffer("keys", torch.zeros(config.capacity, config.feature_dim))
+
+    def normalized_keys(self) -> torch.Tensor:
+        return self.keys  # written normalised
+
+    def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(self.labels[slots].clamp_min(0), self.config.num_classes).float()
+
+    def _write(self, slots, keys, labels) -> None:
+        self.keys[slots] = keys
+
+    def _choose_replacements(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        same_class = self.labels.unsqueeze(0) == labels.unsqueeze(1)  # (N, M)
+        has_class = same_class.any(-1, keepdim=True)  # (N, 1)
+        eligible = torch.where(has_class, same_class, torch.ones_like(same_class))
+        cost = sims.masked_fill(~eligible, float("nan"))  # least similar = lowest cost
+        chosen = _assign_distinct(cost)
+        # an example whose own-class slots were all taken this batch falls back to any slot
+        retry = chosen == EMPTY
+        if bool(retry.any()):
+            free_cols = torch.ones(self.capacity, dtype=torch.bool)
+            free_cols[chosen[~retry]] = False
+            chosen[retry] = _assign_distinct(sims[retry].masked_fill(~free_cols, float("nan")))
+        return chosen
+
+
+class TrainableMemory(Memory):
+    """Learnt keys (M, D) and values (M, C). When full: replace the least confident slot
+    (lowest largest class share of its value row; oldest first among equals)."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__(config)
+        self.keys = nn.Parameter(torch.zeros(config.capacity, config.feature_dim))
+        self.values = nn.Parameter(torch.zeros(config.capacity, config.num_classes))
+
+    def normalized_keys(self) -> torch.Tensor:
+        return F.normalize(self.keys, dim=-1)
+
+    def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:
+        v = self.values[slots].clamp_min(0)  # (..., C)
+        return v / v.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def slot_confidence(self) -> torch.Tensor:  # (M,)
+        return self.class_distribution(torch.arange(self.capacity)).max(-1).values
+
+    def _write(self, slots, keys, labels) -> None:
+        self.keys.data[slots] = keys
+        self.values.data[slots] = F.one_hot(labels, self.config.num_classes).float()
+
+    def _choose_replacements(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = sims.shape[0]
+        available = ~torch.isnan(sims[0])  # slots not written earlier in this batch
+        cand = available.nonzero().squeeze(1)
+        by_age = cand[torch.argsort(self.written_at[cand], stable=True)]
+        conf = self.slot_confidence()[by_age]
+        order = by_age[torch.argsort(conf, stable=True)]  # least confident, then oldest
+        chosen = torch.full((n,), EMPTY, dtype=torch.int64)
+        m = min(n, order.numel())
+        chosen[:m] = order[:m]
+        return chosen
+
+
+MEMORIES: dict[str, type[Memory]] = {"cached": CachedMemory, "trainable": TrainableMemory}
+
+
+def create_memory(kind: str, **kwargs) -> Memory:
+    """Build a memory by name: one of MEMORIES (keywords are MemoryConfig fields)."""
+    if kind not in MEMORIES:
+        raise ValueError(f"unknown memory kind {kind!r}; valid choices: {sorted(MEMORIES)}")
+    return MEMORIES[kind](MemoryConfig(**kwargs))

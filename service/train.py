@@ -1,0 +1,334 @@
+"""The training experiment: train, evaluate per epoch, time inference, sweep the threshold,
+save the model and its reports to the store.
+
+    loss = cross_entropy(head(features), y) + memory_loss_weight * memory.contrastive_loss(features, y)
+    after each step: memory.update(features, y)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Dataset, augment, keep_classes, load_dataset, normalize
+from .model import ClassifierConfig, EnhancedClassifier
+from .store import InputSpec, save_model
+
+SWEEP_THRESHOLDS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99]
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "fashion-mnist"
+    """Data set: fashion-mnist, cifar10 or imagefolder."""
+    data_dir: str | None = None
+    """Folder (or .zip for imagefolder/cifar10) holding the data set."""
+    download: bool = False
+    """Allow torchvision to download the data set (needs the internet)."""
+    name: str = "fashion-mnist"
+    """Model name: the folder written under --store."""
+    store: str = "model_store"
+    """Model store folder."""
+    epochs: int = 5
+    """Training epochs."""
+    batch_size: int = 128
+    """Training batch size."""
+    lr: float = 0.05
+    """Peak learning rate of the one-cycle SGD schedule."""
+    weight_decay: float = 5e-4
+    """SGD weight decay (not applied to memory parameters)."""
+    memory_loss_weight: float = 0.4
+    """Weight of the contrastive memory loss added to cross-entropy."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+    augment_pad: int | None = None
+    """Random translation in pixels (default 2 for 28 px, 4 for 32 px images)."""
+    flip: bool = True
+    """Random horizontal flips in training."""
+    exclude_classes: list[str] = field(default_factory=list)
+    """Class names left out of training and test (to teach them later through feedback)."""
+    extra_memory_classes: int = 0
+    """Room in the memory's label space for classes taught later by feedback."""
+    precision: str = "auto"
+    """Training matmul precision: bf16, fp32, or auto (bf16 where the CPU has native support)."""
+    seed: int = 0
+    """Random seed."""
+    limit_train: int | None = None
+    """Use only the first N training images (quick runs and tests)."""
+    limit_test: int | None = None
+    """Use only the first N test images."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.memory_loss_weight < 0:
+            raise ValueError(f"--memory-loss-weight must be >= 0, got {self.memory_loss_weight}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+    def use_bf16(self) -> bool:
+        if self.precision == "auto":
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return self.precision == "bf16"
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # routed prediction
+    head_accuracy: float  # network path for every sample
+    memory_usage: float  # share answered on the memory path
+    memory_path_accuracy: float  # accuracy of those (nan if none)
+
+
+@torch.no_grad()
+def collect_predictions(model: EnhancedClassifier, images: torch.Tensor, mean, std, batch_size: int = 500
+                        ) -> dict[str, torch.Tensor]:
+    """Head and memory answers for every image (eval mode, fp32): the raw material of
+    evaluation and of the threshold sweep."""
+    model.eval()
+    out: dict[str, list] = {"head": [], "mem_label": [], "mem_conf": []}
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i:i + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+        logits, features = model(x)
+        out["head"].append(logits.argmax(-1))
+        if model.memory is not None and model.memory.size:
+            r = model.memory.retrieve(features.float())
+            out["mem_label"].append(r.labels)
+            out["mem_conf"].append(r.confidence)
+        else:
+            out["mem_label"].append(torch.full((len(x),), -1))
+            out["mem_conf"].append(torch.zeros(len(x)))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def route_scores(preds: dict[str, torch.Tensor], labels: torch.Tensor, threshold: float) -> EvalResult:
+    used = (preds["mem_conf"] >= threshold) & (preds["mem_label"] >= 0)
+    routed = torch.where(used, preds["mem_label"], preds["head"])
+    mem_acc = (preds["mem_label"][used] == labels[used]).float().mean().item() if used.any() else float("nan")
+    return EvalResult(accuracy=(routed == labels).float().mean().item(),
+                      head_accuracy=(preds["head"] == labels).float().mean().item(),
+                      memory_usage=used.float().mean().item(), memory_path_accuracy=mem_acc)
+
+
+def threshold_sweep(preds: dict[str, torch.Tensor], labels: torch.Tensor,
+                    thresholds: list[float] = SWEEP_THRESHOLDS) -> list[dict]:
+    return [{"threshold": t, **asdict(route_scores(preds, labels, t))} for t in thresholds]
+
+
+@torch.no_grad()
+def evaluate_inference_speed(model: EnhancedClassifier, images: torch.Tensor, mean, std, n: int = 300,
+                             threshold: float | None = None) -> dict:
+    """Per-sample cost, one image at a time (the service's latency case): milliseconds of
+    feature extraction, memory retrieval and head, and the median total by path."""
+    model.eval()
+    per_path: dict[str, list[float]] = {"memory": [], "network": []}
+    stages: dict[str, list[float]] = {"features": [], "memory": [], "head": []}
+    for i in range(min(n + 10, len(images))):
+        x = normalize(images[i:i + 1], mean, std).contiguous(memory_format=torch.channels_last)
+        t = time.perf_counter()
+        p = model.predict(x, threshold)
+        total = 1e3 * (time.perf_counter() - t)
+        if i < 10:  # warm-up
+            continue
+        per_path[p.paths[0]].append(total)
+        for k, v in p.timings_ms.items():
+            stages[k].append(v)
+
+    def median(xs: list[float]) -> float:
+        return float(torch.tensor(xs).median()) if xs else float("nan")
+    result = {f"{k}_ms": median(v) for k, v in stages.items()}
+    result.update({f"{k}_path_ms": median(v) for k, v in per_path.items()})
+    result.update({f"{k}_path_samples": len(v) for k, v in per_path.items()})
+    result["memory_over_network"] = result["memory_path_ms"] / result["network_path_ms"]
+    return result
+
+
+def _plot_training(history: list[dict], sweep: list[dict]) -> tuple[bytes, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    ax[0, 0].plot(ep, [h["train_loss"] for h in history], "o-", label="total")
+    ax[0, 0].plot(ep, [h["ce_loss"] for h in history], "o-", label="cross-entropy")
+    ax[0, 0].set_title("training loss")
+    ax[0, 1].plot(ep, [h["memory_loss"] for h in history], "o-", color="C2")
+    ax[0, 1].set_title("memory (contrastive) loss")
+    ax[1, 0].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train (head)")
+    ax[1, 0].plot(ep, [h["test_accuracy"] for h in history], "o-", label="test (routed)")
+    ax[1, 0].plot(ep, [h["test_head_accuracy"] for h in history], "o--", label="test (head only)")
+    ax[1, 0].set_title("accuracy")
+    ax[1, 1].plot(ep, [h["memory_usage"] for h in history], "o-", label="memory-path share")
+    ax[1, 1].plot(ep, [h["memory_fill"] for h in history], "o--", label="memory fill")
+    ax[1, 1].set_title("memory usage")
+    for a in ax.flat:
+        a.set_xlabel("epoch")
+        a.legend() if a.get_legend_handles_labels()[0] else None
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+
+    fig, a = plt.subplots(figsize=(6, 4))
+    th = [s["threshold"] for s in sweep]
+    a.plot(th, [s["memory_path_accuracy"] for s in sweep], "o-", label="memory-path accuracy")
+    a.plot(th, [s["memory_usage"] for s in sweep], "o-", label="memory usage")
+    a.plot(th, [s["accuracy"] for s in sweep], "o--", label="overall accuracy")
+    a.set_xlabel("confidence threshold")
+    a.legend()
+    a.set_title("threshold sweep (test set)")
+    fig.tight_layout()
+    buf2 = io.BytesIO()
+    fig.savefig(buf2, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue(), buf2.getvalue()
+
+
+def _csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def build_model(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset) -> EnhancedClassifier:
+    cc.num_classes = len(ds.classes)
+    cc.in_chans, cc.image_size = ds.in_chans, ds.image_size
+    cc.memory_classes = cc.num_classes + tc.extra_memory_classes
+    cc.__post_init__()
+    return EnhancedClassifier(cc)
+
+
+def train_step(model: EnhancedClassifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               memory_loss_weight: float, label_smoothing: float, bf16: bool) -> tuple[float, float, float]:
+    """One optimisation step, then the batch's features are written to memory.
+    Returns (cross-entropy, memory loss, correct predictions)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits, features = model(x)  # (B, num_classes), (B, D)
+    ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    mem_loss = torch.zeros(())
+    if model.memory is not None and memory_loss_weight > 0:
+        mem_loss = model.memory.contrastive_loss(features.float(), y)
+    loss = ce + memory_loss_weight * mem_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if model.memory is not None:
+        model.memory.update(features.detach().float(), y)
+    return ce.item(), mem_loss.item(), (logits.argmax(-1) == y).sum().item()
+
+
+def make_optimizer(model: EnhancedClassifier, tc: TrainConfig, total_steps: int):
+    memory_params = [p for n, p in model.named_parameters() if n.startswith("memory.")]
+    decay = [p for n, p in model.named_parameters() if not n.startswith("memory.") and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if not n.startswith("memory.") and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if memory_params:
+        groups.append({"params": memory_params, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=tc.lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total_steps, pct_start=0.25)
+    return opt, sched
+
+
+def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = None, save: bool = True) -> dict:
+    """The whole experiment; returns the report (also written beside the model)."""
+    torch.manual_seed(tc.seed)
+    if ds is None:
+        ds = load_dataset(tc.dataset, tc.data_dir, tc.download)
+    if tc.exclude_classes:
+        ds = keep_classes(ds, tc.exclude_classes)
+    train_x, train_y = ds.train.images[:tc.limit_train], ds.train.labels[:tc.limit_train]
+    test_x, test_y = ds.test.images[:tc.limit_test], ds.test.labels[:tc.limit_test]
+    mean, std = ds.normalization()
+    pad = tc.augment_pad if tc.augment_pad is not None else (2 if ds.image_size <= 28 else 4)
+    bf16 = tc.use_bf16()
+
+    model = build_model(tc, cc, ds).to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(train_x) / tc.batch_size)
+    opt, sched = make_optimizer(model, tc, tc.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(tc.seed)
+    print(f"training {tc.name}: {ds.name} ({len(train_x)} train / {len(test_x)} test, {len(ds.classes)} classes), "
+          f"backbone {cc.backbone}, memory {cc.memory} ({cc.memory_size}), {tc.epochs} epochs, "
+          f"batch {tc.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
+
+    history = []
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(train_x), generator=gen)
+        sums = {"ce": 0.0, "mem": 0.0, "correct": 0.0}
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
+        for step in bar:
+            idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
+            x = normalize(augment(train_x[idx], pad, tc.flip, gen), mean, std).contiguous(
+                memory_format=torch.channels_last)  # (B, C, H, W)
+            ce, mem, correct = train_step(model, opt, x, train_y[idx], tc.memory_loss_weight,
+                                          tc.label_smoothing, bf16)
+            sched.step()
+            sums["ce"] += ce * len(idx)
+            sums["mem"] += mem * len(idx)
+            sums["correct"] += correct
+            bar.set_postfix(ce=f"{ce:.3f}", mem=f"{mem:.3f}")
+        train_time = time.perf_counter() - t0
+        preds = collect_predictions(model, test_x, mean, std)
+        ev = route_scores(preds, test_y, cc.confidence_threshold)
+        n = len(train_x)
+        row = {
+            "epoch": epoch,
+            "train_loss": (sums["ce"] + tc.memory_loss_weight * sums["mem"]) / n,
+            "ce_loss": sums["ce"] / n,
+            "memory_loss": sums["mem"] / n,
+            "train_accuracy": sums["correct"] / n,
+            "test_accuracy": ev.accuracy,
+            "test_head_accuracy": ev.head_accuracy,
+            "memory_usage": ev.memory_usage,
+            "memory_path_accuracy": ev.memory_path_accuracy,
+            "memory_fill": (model.memory.size / model.memory.capacity) if model.memory is not None else 0.0,
+            "epoch_seconds": train_time,
+        }
+        history.append(row)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    preds = collect_predictions(model, test_x, mean, std)
+    sweep = threshold_sweep(preds, test_y)
+    speed = evaluate_inference_speed(model, test_x, mean, std)
+    final = history[-1]
+    report = {
+        "train_config": asdict(tc),
+        "classifier": cc.to_dict(),
+        "dataset": ds.name,
+        "classes": ds.classes,
+        "final": {k: final[k] for k in ("test_accuracy", "test_head_accuracy", "memory_usage",
+                                        "memory_path_accuracy", "memory_fill", "train_accuracy")},
+        "history": history,
+        "threshold_sweep": sweep,
+        "inference_speed": speed,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print("inference speed:", json.dumps(speed), flush=True)
+    if save:
+        fig, sweep_fig = _plot_training(history, sweep)
+        reports = {"metrics.json": json.dumps(report, indent=2).encode(), "metrics.csv": _csv(history),
+                   "threshold_sweep.json": json.dumps(sweep, indent=2).encode(), "training.png": fig,
+                   "threshold_sweep.png": sweep_fig}
+        model = model.to(memory_format=torch.contiguous_format)
+        d = save_model(tc.store, tc.name, model, ds.classes, InputSpec(ds.image_size, ds.in_chans, mean, std),
+                       metrics=report["final"], reports=reports)
+        print(f"saved {d}", flush=True)
+    report["model"] = model
+    return report
