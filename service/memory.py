@@ -182,10 +182,8 @@ class Memory(nn.Module):
         has_positive = (positive > 0).any(-1)  # (B,)
         if not bool(has_positive.any()):
             return zero
-        # log sum_m p_m * w_m, computed stably in log space; log(0) -> -inf is masked out
-        log_w = torch.log(positive.clamp_min(1e-12))
-        per_query = -torch.logsumexp(log_p + log_w, dim=-1)  # (B,)
-        return per_query[has_positive].mean()
+        mass = (log_p.exp() * positive).sum(-1)  # (B,) probability on items of the query's class
+        return -torch.log(mass[has_positive].clamp_min(1e-12)).mean()
 
     # --- writes ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,6 +228,50 @@ class Memory(nn.Module):
             self.written_at[slot[w]] = self.writes + torch.arange(1, n + 1)
             self.writes += n
             self.replacements += int((action == REPLACED).sum())
+        return UpdateReport(action, slot, previous)
+
+
+    @torch.no_grad()
+    def teach(self, features: torch.Tensor, labels: torch.Tensor) -> UpdateReport:
+        """Write user corrections (feedback), one example after another.
+
+        Unlike `update`, a correction is never swallowed by the similarity rule: it is skipped
+        only when the memory already holds this very feature (an exact match) with this label.
+        An exact match with another label is overwritten; otherwise the example fills an empty
+        slot, or, when full, the slot the replacement rule picks (without the skip test).
+        """
+        features = features.detach().to(self.labels.device, torch.float32)
+        labels = labels.to(self.labels.device, torch.int64)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_classes):
+            raise ValueError(f"labels must be in [0, {self.config.num_classes}), got {labels.tolist()}")
+        B = features.shape[0]
+        action = torch.full((B,), SKIPPED, dtype=torch.int64)
+        slot = torch.full((B,), EMPTY, dtype=torch.int64)
+        previous = torch.full((B,), EMPTY, dtype=torch.int64)
+        # a feedback request carries a handful of images: a loop keeps each one seeing the
+        # writes of those before it
+        for i in range(B):
+            f, y = features[i:i + 1], labels[i:i + 1]
+            sims = self._similarities(f)  # (1, M)
+            best_sim, best = sims.max(-1)
+            if bool(torch.isfinite(best_sim)) and float(best_sim) >= EXACT_MATCH:
+                if int(self.labels[best]) == int(y):
+                    continue
+                target = best
+            elif self.size < self.capacity:
+                target = (~self.filled()).nonzero()[0]
+            else:
+                target = self._choose_replacements(sims, y)
+            target = int(target)
+            previous[i] = self.labels[target]
+            action[i] = ADDED if int(previous[i]) == EMPTY else REPLACED
+            slot[i] = target
+            t = torch.tensor([target])
+            self._write(t, F.normalize(f, dim=-1), y)
+            self.labels[t] = y
+            self.writes += 1
+            self.written_at[t] = self.writes.clone()
+            self.replacements += int(action[i] == REPLACED)
         return UpdateReport(action, slot, previous)
 
 
@@ -306,7 +348,10 @@ class TrainableMemory(Memory):
         return F.normalize(self.keys, dim=-1)
 
     def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:
-        v = self.values[slots].clamp_min(0)  # (..., C)
+        v = self.values[slots]  # (..., C)
+        # clamp at 0 in the forward pass only: a plain clamp would stop the gradient that
+        # lets a zero entry of a one-hot value grow
+        v = v + (v.clamp_min(0) - v).detach()
         return v / v.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def slot_confidence(self) -> torch.Tensor:  # (M,)

@@ -112,10 +112,18 @@ class EnhancedClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, threshold: float | None = None) -> Prediction:
         """Route each image through memory or network; see the module docstring."""
-        threshold = self.config.confidence_threshold if threshold is None else threshold
-        B, C = images.shape[0], self.config.memory_classes
         t0 = time.perf_counter()
         features = self.backbone(images).float()  # (B, D)
+        p = self.route_features(features, threshold)
+        p.timings_ms["features"] = 1e3 * (time.perf_counter() - t0) - p.timings_ms["memory"] - p.timings_ms["head"]
+        return p
+
+    @torch.no_grad()
+    def route_features(self, features: torch.Tensor, threshold: float | None = None) -> Prediction:
+        """The part of `predict` after the backbone: memory lookup, then the head on the
+        samples the memory did not answer. The service holds its memory lock around this."""
+        threshold = self.config.confidence_threshold if threshold is None else threshold
+        B, C = features.shape[0], self.config.memory_classes
         t1 = time.perf_counter()
         if self.memory is not None and self.memory.size > 0:
             r = self.memory.retrieve(features)
@@ -124,7 +132,6 @@ class EnhancedClassifier(nn.Module):
                           slots=torch.full((B, 1), EMPTY), similarity=torch.full((B, 1), float("-inf")),
                           class_scores=torch.zeros(B, C))
         t2 = time.perf_counter()
-        # the head runs only on the samples the memory did not answer
         used_memory = (r.confidence >= threshold) & (r.labels != EMPTY)  # (B,)
         probs = torch.zeros(B, C)
         net = (~used_memory).nonzero().squeeze(1)
@@ -135,5 +142,5 @@ class EnhancedClassifier(nn.Module):
         scores = torch.where(used_memory.unsqueeze(-1), r.class_scores, probs)
         nearest_slot = r.slots[:, 0]
         similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], torch.zeros(B))
-        timings = {"features": 1e3 * (t1 - t0), "memory": 1e3 * (t2 - t1), "head": 1e3 * (t3 - t2)}
+        timings = {"features": 0.0, "memory": 1e3 * (t2 - t1), "head": 1e3 * (t3 - t2)}
         return Prediction(labels, confidence, used_memory, scores, nearest_slot, similarity, timings)

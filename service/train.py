@@ -55,8 +55,8 @@ class TrainConfig:
     """Random horizontal flips in training."""
     exclude_classes: list[str] = field(default_factory=list)
     """Class names left out of training and test (to teach them later through feedback)."""
-    extra_memory_classes: int = 0
-    """Room in the memory's label space for classes taught later by feedback."""
+    extra_memory_classes: int = 10
+    """Room in the memory's label space for new classes taught later by feedback."""
     precision: str = "auto"
     """Training matmul precision: bf16, fp32, or auto (bf16 where the CPU has native support)."""
     seed: int = 0

@@ -1,0 +1,85 @@
+"""Bytes from a request -> the model's input tensor, with the limits that keep hostile
+uploads out. No web framework here: errors are `ImageError`s carrying an HTTP status."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .store import InputSpec
+
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
+
+
+class ImageError(ValueError):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class ImageLimits:
+    max_pixels: int = 4096 * 4096
+    """Largest decoded image (width x height) accepted; larger is refused before decoding."""
+    max_side: int = 16384
+    """Longest side accepted."""
+
+
+def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
+    """One image file -> (C, H, W) float tensor, normalised with the model's statistics.
+
+    The header is read first and the size checked before any pixel is decoded, so a
+    decompression bomb costs nothing. Animated images give their first frame; EXIF
+    orientation is applied; any mode (grey, 16-bit, RGB, RGBA, palette, CMYK) is converted
+    to the model's channels.
+    """
+    if not data:
+        raise ImageError(422, "empty_file", "the uploaded file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if im.format not in ALLOWED_FORMATS:
+                raise ImageError(415, "unsupported_image_format", f"image format {im.format} is not accepted")
+            if w < 1 or h < 1 or w * h > limits.max_pixels or max(w, h) > limits.max_side:
+                raise ImageError(413, "image_too_large", f"image of {w}x{h} pixels exceeds the limit of "
+                                 f"{limits.max_pixels} pixels / {limits.max_side} per side")
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            im = _to_mode(im, "L" if spec.in_chans == 1 else "RGB")
+            im = im.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        if isinstance(e, UnidentifiedImageError):
+            raise ImageError(422, "not_an_image", "the file is not an image Pillow can read") from e
+        raise ImageError(413, "image_too_large", f"decompression bomb refused: {e}") from e
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise ImageError(422, "corrupt_image", f"the image could not be decoded: {e}") from e
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr.copy())
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+    mean = torch.tensor(spec.mean).view(-1, 1, 1)
+    std = torch.tensor(spec.std).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def _to_mode(im: Image.Image, mode: str) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit and float: scale to 8 bits
+        a = np.asarray(im, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent = background black
+        im = Image.alpha_composite(background, im)
+    return im.convert(mode)

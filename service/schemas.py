@@ -1,0 +1,84 @@
+"""Request and response models of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable error code")
+    detail: str | list = Field(description="what is wrong, naming the field or file")
+
+
+class PredictJSON(BaseModel):
+    image_base64: str = Field(min_length=1, description="one image file, base64-encoded")
+
+
+class ClassScore(BaseModel):
+    label: str
+    label_index: int
+    score: float
+
+
+class NearestItem(BaseModel):
+    slot: int
+    label: str
+    similarity: float
+    feedback_id: int | None = Field(description="the feedback that wrote this item, if any")
+
+
+class ImagePrediction(BaseModel):
+    label: str
+    label_index: int
+    confidence: float
+    path: Literal["memory", "network"]
+    top_k: list[ClassScore]
+    nearest: NearestItem | None
+    latency_ms: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    model_version: str
+    predictions: list[ImagePrediction]
+
+
+class FeedbackItem(BaseModel):
+    feedback_id: int
+    action: Literal["added", "replaced", "skipped"]
+    slot: int | None
+    replaced_label: str | None = Field(description="label the slot held before, when replaced")
+    label: str
+    label_index: int
+
+
+class FeedbackResponse(BaseModel):
+    items: list[FeedbackItem]
+    new_class: bool
+
+
+class MemoryResponse(BaseModel):
+    kind: str
+    capacity: int
+    size: int
+    per_class: dict[str, int]
+    replacements: int
+    feedback_items: int = 0
+    classes: list[str] = []
+    label_space: int = 0
+    last_snapshot_time: float | None = None
+    last_feedback_id: int = 0
+
+
+class SnapshotResponse(BaseModel):
+    file: str
+    last_feedback_id: int
+    time: float
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+    model_version: str | None = None

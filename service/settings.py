@@ -1,0 +1,57 @@
+"""Service configuration: environment variables, with CLI flags of the same names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class ServiceConfig:
+    model_store: str = "model_store"
+    """MODEL_STORE: folder of trained models."""
+    model_name: str = "fashion-mnist"
+    """MODEL_NAME: the model to serve (a folder name inside the store)."""
+    api_token: str | None = None
+    """API_TOKEN: bearer token for /feedback and /memory/snapshot; unset = those endpoints refused."""
+    state_dir: str = "var"
+    """STATE_DIR: folder for the feedback journal and memory snapshots."""
+    confidence_threshold: float | None = None
+    """CONFIDENCE_THRESHOLD: override the model's memory confidence threshold."""
+    max_upload_bytes: int = 10 * 1024 * 1024
+    """MAX_UPLOAD_BYTES: largest request body accepted (413 above)."""
+    max_pixels: int = 4096 * 4096
+    """MAX_PIXELS: largest decoded image, width x height (413 above)."""
+    max_files: int = 64
+    """MAX_FILES: most images in one request."""
+    snapshot_interval: float = 300.0
+    """SNAPSHOT_INTERVAL: seconds between periodic memory snapshots (0 = only on demand and shutdown)."""
+    top_k: int = 5
+    """TOP_K: classes listed with scores in each prediction."""
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1 or self.max_pixels < 1 or self.max_files < 1:
+            raise ValueError("MAX_UPLOAD_BYTES, MAX_PIXELS and MAX_FILES must be >= 1")
+        if self.confidence_threshold is not None and not 0 <= self.confidence_threshold <= 1:
+            raise ValueError(f"CONFIDENCE_THRESHOLD must be in [0, 1], got {self.confidence_threshold}")
+        if self.api_token == "":
+            self.api_token = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "ServiceConfig":
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None:
+                continue
+            kind = f.type if isinstance(f.type, type) else str(f.type)
+            if "float" in str(kind):
+                values[f.name] = float(raw)
+            elif "int" in str(kind):
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

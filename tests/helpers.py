@@ -1,0 +1,40 @@
+"""Shared helpers: image bytes of every kind, and a tiny stored model."""
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from service.model import ClassifierConfig, EnhancedClassifier
+from service.store import InputSpec, save_model
+
+CLASSES = ["zero", "one", "two", "three"]
+
+
+def image_bytes(fmt="PNG", size=(28, 28), mode="L", seed=0, **save_kw) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}.get(mode)
+    if mode == "I;16":
+        arr = rng.integers(0, 65535, size[::-1], dtype=np.uint16)
+        im = Image.fromarray(arr)
+    elif mode == "P":
+        im = Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8), "RGB").convert("P")
+    else:
+        shape = size[::-1] if channels == 1 else (*size[::-1], channels)
+        im = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **save_kw)
+    return buf.getvalue()
+
+
+def save_tiny_model(store, name="tiny", memory="cached", memory_classes=6, prefill=8):
+    torch.manual_seed(0)
+    cfg = ClassifierConfig(num_classes=4, in_chans=1, image_size=28, memory=memory, memory_size=16,
+                           memory_classes=memory_classes, confidence_threshold=0.85)
+    model = EnhancedClassifier(cfg).eval()
+    if model.memory is not None and prefill:
+        with torch.no_grad():
+            model.memory.update(model.backbone(torch.randn(prefill, 1, 28, 28)), torch.arange(prefill) % 4)
+    save_model(store, name, model, CLASSES, InputSpec(28, 1, [0.5], [0.5]))
+    return model

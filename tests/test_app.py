@@ -1,0 +1,218 @@
+"""The HTTP API through FastAPI's TestClient, on a tiny stored model."""
+
+import base64
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import ServiceConfig
+from tests.helpers import CLASSES, image_bytes, save_tiny_model
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def make_client(tmp_path):
+    clients = []
+
+    def make(**kw):
+        save_tiny_model(tmp_path / "store")
+        args = dict(model_store=str(tmp_path / "store"), model_name="tiny", api_token=TOKEN,
+                    state_dir=str(tmp_path / "var"), snapshot_interval=0, max_upload_bytes=200_000,
+                    max_pixels=1_000_000, max_files=8) | kw
+        c = TestClient(create_app(ServiceConfig(**args)), raise_server_exceptions=False)
+        c.__enter__()
+        clients.append(c)
+        return c
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def png(seed=0, **kw):
+    return ("x.png", image_bytes(seed=seed, **kw), "image/png")
+
+
+def memory_state(client):
+    return client.get("/memory").json()
+
+
+def test_health_and_ready(client):
+    assert client.get("/healthz").json()["status"] == "alive"
+    r = client.get("/readyz").json()
+    assert r["status"] == "ready" and r["model"] == "tiny"
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "L"), ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "I;16"),
+                                      ("JPEG", "L"), ("JPEG", "RGB"), ("JPEG", "CMYK"), ("WEBP", "RGB"),
+                                      ("BMP", "RGB"), ("GIF", "P"), ("TIFF", "RGB")])
+def test_predict_accepts_every_common_format(client, fmt, mode):
+    r = client.post("/predict", files={"file": ("img", image_bytes(fmt, mode=mode, size=(40, 30)), "image/x")})
+    assert r.status_code == 200, r.text
+    p = r.json()["predictions"][0]
+    assert p["label"] in CLASSES and p["path"] in ("memory", "network")
+    assert 0 <= p["confidence"] <= 1 and len(p["top_k"]) == 4
+    assert p["nearest"]["slot"] >= 0 and p["latency_ms"] > 0
+
+
+def test_predict_batch_and_json(client):
+    r = client.post("/predict", files=[("file", png(1)), ("file", png(2)), ("file", png(3))])
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+    body = {"image_base64": base64.b64encode(image_bytes(seed=1)).decode()}
+    j = client.post("/predict", json=body)
+    assert j.status_code == 200
+    assert j.json()["predictions"][0]["label"] == r.json()["predictions"][0]["label"]
+    assert j.json()["model_version"] == r.json()["model_version"]
+
+
+def test_feedback_teaches_an_image_its_label(client):
+    img = png(7)
+    r = client.post("/feedback", files={"file": img}, data={"label": "two"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    item = r.json()["items"][0]
+    assert item["action"] in ("added", "replaced") and item["label"] == "two"
+    p = client.post("/predict", files={"file": img}).json()["predictions"][0]
+    assert p["path"] == "memory" and p["label"] == "two" and p["confidence"] == pytest.approx(1.0)
+    assert p["nearest"]["feedback_id"] == item["feedback_id"]
+
+
+def test_feedback_by_index_and_correction_overwrites(client):
+    img = png(8)
+    first = client.post("/feedback", files={"file": img}, data={"label": "1"}, headers=AUTH).json()["items"][0]
+    again = client.post("/feedback", files={"file": img}, data={"label": "1"}, headers=AUTH).json()["items"][0]
+    assert again["action"] == "skipped"
+    fix = client.post("/feedback", files={"file": img}, data={"label": "three"}, headers=AUTH).json()["items"][0]
+    assert fix["action"] == "replaced" and fix["slot"] == first["slot"] and fix["replaced_label"] == "one"
+    assert client.post("/predict", files={"file": img}).json()["predictions"][0]["label"] == "three"
+
+
+def test_new_class_is_taught_then_predicted_until_label_space_is_full(client):
+    a, b, c = png(11), png(12), png(13)
+    r = client.post("/feedback", files={"file": a}, data={"label": "Sneaker-v2"}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["new_class"] is True
+    p = client.post("/predict", files={"file": a}).json()["predictions"][0]
+    assert p["label"] == "Sneaker-v2" and p["label_index"] == 4 and p["path"] == "memory"
+    assert client.post("/feedback", files={"file": b}, data={"label": "Bag"}, headers=AUTH).status_code == 200
+    full = client.post("/feedback", files={"file": c}, data={"label": "Hat"}, headers=AUTH)  # label space 6
+    assert full.status_code == 422 and "no room" in full.json()["detail"]
+    assert "Sneaker-v2" in memory_state(client)["classes"]
+
+
+@pytest.mark.parametrize("headers,status", [({}, 401), ({"Authorization": "Bearer wrong"}, 403),
+                                            ({"Authorization": f"Bearer {TOKEN[:-1]}x"}, 403),
+                                            ({"Authorization": f"Basic {TOKEN}"}, 401)])
+def test_writes_need_the_token(client, headers, status):
+    before = memory_state(client)
+    r = client.post("/feedback", files={"file": png()}, data={"label": "one"}, headers=headers)
+    assert r.status_code == status and "error" in r.json()
+    assert client.post("/memory/snapshot", headers=headers).status_code == status
+    q = client.post(f"/feedback?token={TOKEN}", files={"file": png()}, data={"label": "one"})
+    assert q.status_code == 401
+    assert memory_state(client) == before
+
+
+def test_writes_refused_without_configured_token(make_client):
+    c = make_client(api_token=None)
+    r = c.post("/feedback", files={"file": png()}, data={"label": "one"}, headers=AUTH)
+    assert r.status_code == 403 and r.json()["error"] == "writes_disabled"
+
+
+BAD_PREDICT = [
+    ("empty body", dict(content=b"", headers={"content-type": "multipart/form-data; boundary=x"}), 422),
+    ("not an image", dict(files={"file": ("a.png", b"hello, not an image", "image/png")}), 422),
+    ("zero-byte file", dict(files={"file": ("a.png", b"", "image/png")}), 422),
+    ("truncated png", dict(files={"file": ("a.png", image_bytes()[:60], "image/png")}), 422),
+    ("truncated jpeg", dict(files={"file": ("a.jpg", image_bytes("JPEG", size=(64, 64))[:300], "image/jpeg")}), 422),
+    ("too many pixels", dict(files={"file": ("a.png", image_bytes(size=(1200, 1000)), "image/png")}), 413),
+    ("body over limit", dict(files={"file": ("a.png", b"\0" * 300_000, "image/png")}), 413),
+    ("wrong content type", dict(content=b"abc", headers={"content-type": "text/plain"}), 415),
+    ("no content type", dict(content=b"abc"), 415),
+    ("misspelled field", dict(files={"files": png()}), 422),
+    ("text instead of file", dict(data={"file": "abc"}, files={"file": png()}), 422),
+    ("url-encoded form", dict(data={"file": "abc"}), 415),
+    ("malformed base64", dict(json={"image_base64": "@@not base64@@"}), 422),
+    ("json missing key", dict(json={"image": "aGVsbG8="}), 422),
+    ("json not json", dict(content=b"{oops", headers={"content-type": "application/json"}), 422),
+    ("too many files", dict(files=[("file", png(i)) for i in range(9)]), 413),
+]
+
+
+@pytest.mark.parametrize("name,kw,status", BAD_PREDICT, ids=[b[0] for b in BAD_PREDICT])
+def test_bad_predict_input_is_refused_clearly(client, name, kw, status):
+    r = client.post("/predict", **kw)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] and body["detail"]
+
+
+BAD_LABELS = [("", "empty"), ("   ", "empty"), ("7", "out of range"), ("-1", "out of range"),
+              ("x" * 100, "longer"), ("bad\x00label", "control"), ("a\nb", "control")]
+
+
+@pytest.mark.parametrize("label,why", BAD_LABELS)
+def test_bad_feedback_labels_change_nothing(client, label, why):
+    before = memory_state(client)
+    r = client.post("/feedback", files={"file": png()}, data={"label": label}, headers=AUTH)
+    assert r.status_code == 422 and why in str(r.json()["detail"])
+    assert memory_state(client) == before
+
+
+def test_feedback_missing_label_or_bad_image_changes_nothing(client):
+    before = memory_state(client)
+    assert client.post("/feedback", files={"file": png()}, headers=AUTH).status_code == 422
+    r = client.post("/feedback", files=[("file", png()), ("file", ("b.png", b"junk", "image/png"))],
+                    data={"label": "one"}, headers=AUTH)
+    assert r.status_code == 422 and "file 2 of 2" in r.json()["detail"]
+    assert memory_state(client) == before
+
+
+def test_metrics_parse_and_move(client):
+    client.post("/predict", files={"file": png()})
+    client.post("/feedback", files={"file": png(3)}, data={"label": "one"}, headers=AUTH)
+    client.post("/predict", files={"file": png(3)})
+    text = client.get("/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    preds = {tuple(sorted(s.labels.items())): s.value for s in fams["predictions"].samples
+             if s.name == "predictions_total"}
+    assert sum(preds.values()) == 2
+    assert any(dict(k)["path"] == "memory" for k in preds)
+    assert any(s.labels.get("outcome") == "added" and s.value == 1 for s in fams["feedback"].samples)
+    reqs = [s for s in fams["http_requests"].samples if s.name == "http_requests_total"]
+    assert any(s.labels["endpoint"] == "/predict" and s.labels["status"] == "200" and s.value == 2 for s in reqs)
+    stages = {s.labels["stage"] for s in fams["prediction_stage_duration_seconds"].samples if "stage" in s.labels}
+    assert stages == {"decode", "features", "memory", "head"}
+    assert fams["memory_capacity"].samples[0].value == 16
+    assert fams["model_info"].samples[0].labels["memory_kind"] == "cached"
+    assert any(s.name == "journal_write_duration_seconds_count" and s.value == 1
+               for s in fams["journal_write_duration_seconds"].samples)
+
+
+def test_snapshot_then_restart_gives_the_same_memory(make_client):
+    c = make_client()
+    for i in range(3):
+        c.post("/feedback", files={"file": png(20 + i)}, data={"label": "Newclass"}, headers=AUTH)
+    snap = c.post("/memory/snapshot", headers=AUTH)
+    assert snap.status_code == 200 and snap.json()["last_feedback_id"] == 3
+    c.post("/feedback", files={"file": png(30)}, data={"label": "zero"}, headers=AUTH)  # journal only
+    before = memory_state(c)
+    c.__exit__(None, None, None)
+    c2 = make_client()
+    after = memory_state(c2)
+    assert {k: v for k, v in after.items() if k != "last_snapshot_time"} == \
+        {k: v for k, v in before.items() if k != "last_snapshot_time"}
+    p = c2.post("/predict", files={"file": png(21)}).json()["predictions"][0]
+    assert p["label"] == "Newclass" and p["nearest"]["feedback_id"] == 2
+
+
+def test_openapi_documents_every_endpoint(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/predict", "/feedback", "/memory", "/memory/snapshot", "/metrics", "/healthz", "/readyz"} <= set(paths)
+    assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]

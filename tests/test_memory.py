@@ -1,0 +1,242 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.memory import ADDED, EMPTY, MEMORIES, REPLACED, SKIPPED, create_memory
+
+KINDS = sorted(MEMORIES)
+
+
+def make(kind, capacity=4, dim=3, classes=3, sim_threshold=0.9, **kw):
+    return create_memory(kind, capacity=capacity, feature_dim=dim, num_classes=classes,
+                         similarity_threshold=sim_threshold, **kw)
+
+
+def onehot_vec(i, dim=3):
+    return F.one_hot(torch.tensor(i), dim).float()
+
+
+def test_factory_names_valid_choices():
+    with pytest.raises(ValueError, match="cached.*trainable"):
+        create_memory("nope", capacity=2, feature_dim=2, num_classes=2)
+
+
+@pytest.mark.parametrize("bad", [dict(capacity=0), dict(temperature=0.0), dict(top_k=0),
+                                 dict(similarity_threshold=1.5)])
+def test_config_rejects_bad_values(bad):
+    args = dict(capacity=2, feature_dim=2, num_classes=2) | bad
+    with pytest.raises(ValueError, match="--|must"):
+        create_memory("cached", **args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_memory_retrieves_nothing(kind):
+    m = make(kind)
+    r = m.retrieve(torch.randn(5, 3))
+    assert (r.labels == EMPTY).all()
+    assert (r.confidence == 0).all()
+    assert (r.slots == EMPTY).all()
+    assert m.size == 0 and m.class_counts().sum() == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fills_in_order_then_never_exceeds_capacity(kind):
+    m = make(kind, capacity=4)
+    rep = m.update(torch.randn(3, 3), torch.tensor([0, 1, 2]))
+    assert rep.action.tolist() == [ADDED] * 3 and rep.slot.tolist() == [0, 1, 2]
+    for _ in range(20):
+        m.update(torch.randn(7, 3), torch.randint(0, 3, (7,)))
+        assert m.size <= m.capacity
+        assert int(m.class_counts().sum()) == m.size
+        r = m.retrieve(torch.randn(4, 3), k=4)
+        assert ((r.slots == EMPTY) | m.filled()[r.slots.clamp_min(0)]).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_slots_never_returned(kind):
+    m = make(kind, capacity=10)
+    m.update(torch.randn(2, 3), torch.tensor([0, 1]))
+    r = m.retrieve(torch.randn(3, 3), k=5)
+    assert set(r.slots[:, :2].flatten().tolist()) <= {0, 1}
+    assert (r.slots[:, 2:] == EMPTY).all()
+    assert torch.isinf(r.similarity[:, 2:]).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_retrieval_finds_the_stored_item_with_full_confidence(kind):
+    m = make(kind, capacity=3)
+    m.update(torch.stack([onehot_vec(0), onehot_vec(1), onehot_vec(2)]), torch.tensor([2, 0, 1]))
+    r = m.retrieve(torch.stack([onehot_vec(1) * 5, onehot_vec(2) * 0.1]))  # scale does not matter
+    assert r.labels.tolist() == [0, 1]
+    assert r.slots[:, 0].tolist() == [1, 2]
+    assert torch.allclose(r.similarity[:, 0], torch.ones(2))
+    assert torch.allclose(r.confidence, torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_confidence_scales_with_distance(kind):
+    m = make(kind, capacity=2, dim=2, classes=2)
+    m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    near = m.retrieve(torch.tensor([[1.0, 0.1]])).confidence
+    far = m.retrieve(torch.tensor([[1.0, 0.9]])).confidence
+    assert 0 <= far < near < 1
+
+
+def test_cached_full_skips_similar_examples():
+    m = make("cached", capacity=2, sim_threshold=0.9)
+    m.update(torch.stack([onehot_vec(0), onehot_vec(1)]), torch.tensor([0, 1]))
+    rep = m.update(torch.tensor([[1.0, 0.05, 0.0]]), torch.tensor([0]))  # cos ~0.999 >= 0.9
+    assert rep.action.tolist() == [SKIPPED] and rep.slot.tolist() == [EMPTY]
+    assert m.replacements == 0
+
+
+def test_cached_replaces_least_similar_slot_of_its_class():
+    m = make("cached", capacity=3, dim=3, sim_threshold=0.99)
+    keys = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    m.update(keys, torch.tensor([0, 0, 1]))
+    # closer to slot 0 than to slot 1, both class 0; slot 2 (class 1) is the least similar overall
+    rep = m.update(torch.tensor([[0.9, 0.1, 0.1]]), torch.tensor([0]))
+    assert rep.action.tolist() == [REPLACED]
+    assert rep.slot.tolist() == [1] and rep.previous_label.tolist() == [0]
+    assert m.labels.tolist() == [0, 0, 1]
+
+
+def test_cached_without_its_class_replaces_least_similar_overall():
+    m = make("cached", capacity=3, dim=3, sim_threshold=0.99)
+    m.update(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.7, 0.7, 0.0]]), torch.tensor([0, 1, 0]))
+    rep = m.update(torch.tensor([[0.1, 0.9, 0.3]]), torch.tensor([2]))  # class 2 absent
+    assert rep.slot.tolist() == [0] and rep.previous_label.tolist() == [0]
+    assert m.labels.tolist() == [2, 1, 0]
+    assert m.class_counts().tolist() == [1, 1, 1]
+
+
+def test_cached_same_batch_never_writes_one_slot_twice():
+    m = make("cached", capacity=3, dim=3, sim_threshold=0.99)
+    m.update(torch.eye(3), torch.tensor([0, 0, 1]))
+    # three class-0 examples that all find slot 1 least similar: they must take distinct slots
+    q = torch.tensor([[1.0, 0.0, 0.2], [1.0, 0.0, 0.3], [1.0, 0.0, 0.25]])
+    rep = m.update(q, torch.tensor([0, 0, 0]))
+    written = rep.slot[rep.slot != EMPTY].tolist()
+    assert len(written) == len(set(written)) == 3
+    assert m.labels.tolist() == [0, 0, 0]
+
+
+def test_trainable_replaces_least_confident_slot():
+    m = make("trainable", capacity=3, sim_threshold=0.99)
+    m.update(torch.eye(3), torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        m.values[1] = torch.tensor([0.5, 0.4, 0.1])  # slot 1 has drifted: confidence 0.5
+    assert m.slot_confidence().tolist() == pytest.approx([1.0, 0.5, 1.0])
+    rep = m.update(torch.tensor([[0.5, 0.5, 0.7]]), torch.tensor([2]))
+    assert rep.action.tolist() == [REPLACED] and rep.slot.tolist() == [1] and rep.previous_label.tolist() == [1]
+    assert m.values[1].tolist() == [0.0, 0.0, 1.0]  # written one-hot
+
+
+def test_trainable_ties_go_to_the_oldest_slot():
+    m = make("trainable", capacity=3, sim_threshold=0.99)
+    m.update(torch.eye(3)[[2]], torch.tensor([0]))
+    m.update(torch.eye(3)[[0]], torch.tensor([1]))
+    m.update(torch.eye(3)[[1]], torch.tensor([2]))
+    rep = m.update(torch.tensor([[0.5, 0.5, 0.7], [0.7, 0.5, 0.5]]), torch.tensor([1, 1]))
+    assert rep.slot.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_rejects_labels_out_of_range(kind):
+    m = make(kind)
+    with pytest.raises(ValueError, match="labels"):
+        m.update(torch.randn(1, 3), torch.tensor([3]))
+    assert m.size == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip(kind):
+    m = make(kind, capacity=5)
+    m.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]))
+    m2 = make(kind, capacity=5)
+    m2.load_state_dict(m.state_dict())
+    q = torch.randn(6, 3)
+    a, b = m.retrieve(q), m2.retrieve(q)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.slots, b.slots)
+    assert torch.allclose(a.confidence, b.confidence)
+    assert m2.size == 4 and m2.writes == 4
+
+
+def test_trainable_state_is_parameters_and_cached_is_buffers():
+    t, c = make("trainable"), make("cached")
+    assert {n for n, _ in t.named_parameters()} == {"keys", "values"}
+    assert list(c.parameters()) == []
+    assert {"keys", "labels"} <= set(c.state_dict())
+
+
+# --- contrastive loss --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_on_empty_memory_is_finite_and_differentiable(kind):
+    m = make(kind)
+    f = torch.randn(4, 3, requires_grad=True)
+    loss = m.contrastive_loss(f, torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert f.grad is not None and torch.isfinite(f.grad).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_with_batch_of_one_and_absent_classes(kind):
+    m = make(kind, capacity=4)
+    m.update(torch.randn(2, 3), torch.tensor([0, 1]))
+    f = torch.randn(1, 3, requires_grad=True)
+    one = m.contrastive_loss(f, torch.tensor([0]))
+    one.backward()
+    assert torch.isfinite(one) and one.item() > 0 and torch.isfinite(f.grad).all()
+    g = torch.randn(2, 3, requires_grad=True)
+    absent = m.contrastive_loss(g, torch.tensor([2, 2]))  # no item of class 2
+    absent.backward()
+    assert torch.isfinite(absent) and absent.item() == 0.0 and torch.isfinite(g.grad).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_is_lower_when_query_sits_with_its_class(kind):
+    m = make(kind, capacity=2, dim=2, classes=2)
+    m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    good = m.contrastive_loss(torch.tensor([[1.0, 0.1]]), torch.tensor([0]))
+    bad = m.contrastive_loss(torch.tensor([[1.0, 0.1]]), torch.tensor([1]))
+    assert good < bad
+
+
+def test_trainable_loss_trains_keys_and_values():
+    m = make("trainable", capacity=4)
+    m.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    loss = m.contrastive_loss(torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1]))
+    loss.backward()
+    assert m.keys.grad.abs().sum() > 0 and m.values.grad.abs().sum() > 0
+
+
+# --- teach (feedback) --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_teach_is_never_skipped_for_a_different_label(kind):
+    m = make(kind, capacity=2, sim_threshold=0.5)
+    m.update(torch.stack([onehot_vec(0), onehot_vec(1)]), torch.tensor([0, 1]))
+    near = torch.tensor([[1.0, 0.05, 0.0]])  # very similar to slot 0 (label 0)
+    assert m.update(near, torch.tensor([2])).action.tolist() == [SKIPPED]  # training rule skips it
+    rep = m.teach(near, torch.tensor([2]))
+    assert rep.action.tolist() == [REPLACED]
+    r = m.retrieve(near)
+    assert r.labels.tolist() == [2] and r.confidence.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teach_exact_match_overwrites_or_skips(kind):
+    m = make(kind, capacity=3)
+    m.update(torch.stack([onehot_vec(0), onehot_vec(1)]), torch.tensor([0, 1]))
+    same = m.teach(onehot_vec(1).unsqueeze(0), torch.tensor([1]))
+    assert same.action.tolist() == [SKIPPED]
+    other = m.teach(onehot_vec(1).unsqueeze(0), torch.tensor([2]))
+    assert other.action.tolist() == [REPLACED] and other.slot.tolist() == [1] and other.previous_label.tolist() == [1]
+    assert m.size == 2  # overwrote beside nothing: the empty slot stays free
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teach_fills_empty_slots_first(kind):
+    m = make(kind, capacity=3)
+    rep = m.teach(torch.randn(2, 3), torch.tensor([0, 1]))
+    assert rep.action.tolist() == [ADDED, ADDED] and rep.slot.tolist() == [0, 1]

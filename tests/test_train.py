@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+from service.cli import main
+from service.data import Dataset, Split, augment, keep_classes, load_dataset
+from service.model import ClassifierConfig
+from service.store import load_model
+from service.train import TrainConfig, make_optimizer, run_training, threshold_sweep, train_step, build_model
+
+
+def synthetic(n=256, classes=4, seed=0) -> Dataset:
+    """Images whose class is a bright square in one of four corners: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for c in range(classes):
+        r, col = divmod(c, 2)
+        x[labels == c, :, r * 14:r * 14 + 10, col * 14:col * 14 + 10] = 250
+    split = Split(x, labels)
+    return Dataset("synthetic", split, Split(x[:64].clone(), labels[:64].clone()), [f"c{i}" for i in range(classes)])
+
+
+@pytest.mark.parametrize("memory", ["none", "cached", "trainable"])
+def test_a_few_steps_lower_the_loss(memory):
+    torch.manual_seed(0)
+    ds = synthetic()
+    tc = TrainConfig(batch_size=32, lr=0.05, precision="fp32")
+    model = build_model(tc, ClassifierConfig(memory=memory, memory_size=64), ds)
+    opt, _ = make_optimizer(model, tc, total_steps=100)
+    x = (ds.train.images[:32].float() / 255 - 0.3) / 0.3
+    y = ds.train.labels[:32]
+    first = [train_step(model, opt, x, y, 0.4, 0.0, False) for _ in range(1)][0]
+    for _ in range(15):
+        last = train_step(model, opt, x, y, 0.4, 0.0, False)
+    assert last[0] < first[0]  # cross-entropy falls
+    if memory != "none":
+        assert model.memory.size == 64  # every batch written, memory full
+        assert last[1] > 0 or memory == "cached"
+
+
+def test_run_training_writes_model_and_reports(tmp_path):
+    ds = synthetic()
+    tc = TrainConfig(name="syn", store=str(tmp_path), epochs=3, batch_size=32, progress=False, precision="fp32",
+                     flip=False, augment_pad=0, lr=0.1)
+    report = run_training(tc, ClassifierConfig(memory="cached", memory_size=64), ds)
+    assert len(report["history"]) == 3
+    assert report["final"]["test_accuracy"] > 0.5
+    assert [s["threshold"] for s in report["threshold_sweep"]][0] == 0.5
+    assert report["inference_speed"]["features_ms"] > 0
+    d = tmp_path / "syn"
+    for f in ("manifest.json", "metrics.json", "metrics.csv", "training.png", "threshold_sweep.png",
+              "threshold_sweep.json"):
+        assert (d / f).exists(), f
+    loaded = load_model(tmp_path, "syn")
+    assert loaded.classes == ds.classes
+    x = (ds.test.images.float() / 255 - loaded.input.mean[0]) / loaded.input.std[0]
+    a, b = report["model"].eval().predict(x), loaded.model.predict(x)
+    assert torch.equal(a.labels, b.labels) and a.paths == b.paths
+
+
+def test_threshold_sweep_usage_falls_as_threshold_rises():
+    preds = {"head": torch.tensor([0, 0, 0, 0]), "mem_label": torch.tensor([1, 1, 0, 1]),
+             "mem_conf": torch.tensor([0.55, 0.75, 0.95, 0.99])}
+    sweep = threshold_sweep(preds, torch.tensor([1, 0, 0, 1]), [0.5, 0.7, 0.9, 0.999])
+    assert [s["memory_usage"] for s in sweep] == [1.0, 0.75, 0.5, 0.0]
+    assert sweep[0]["memory_path_accuracy"] == 0.75
+    assert sweep[2]["memory_path_accuracy"] == 1.0
+
+
+def test_augment_keeps_shape_and_content():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    assert torch.equal(augment(x, 0, False), x)
+    y = augment(x, 1, True, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_keep_classes_renumbers():
+    ds = keep_classes(synthetic(), ["c1"])
+    assert ds.classes == ["c0", "c2", "c3"]
+    assert set(ds.train.labels.tolist()) == {0, 1, 2}
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset("imagefolder", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_dataset("imagefolder", None)
+
+
+def test_cli_rejects_bad_flag_values(capsys):
+    assert main(["train", "--epochs", "0", "--no-progress"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    assert main(["train", "--memory", "lru", "--no-progress"]) == 2
