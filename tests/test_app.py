@@ -216,3 +216,17 @@ def test_openapi_documents_every_endpoint(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/predict", "/feedback", "/memory", "/memory/snapshot", "/metrics", "/healthz", "/readyz"} <= set(paths)
     assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_full_disk_gives_507_and_no_false_ack(client, monkeypatch):
+    import service.journal as journal
+
+    before = memory_state(client)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(journal.os, "fsync", full)
+    r = client.post("/feedback", files={"file": png(40)}, data={"label": "one"}, headers=AUTH)
+    assert r.status_code == 507 and r.json()["error"] == "journal_unavailable"
+    monkeypatch.undo()
+    assert memory_state(client) == before

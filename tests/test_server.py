@@ -1,0 +1,181 @@
+"""Against a real uvicorn process on a loopback port, serving the default model
+(model_store/fashion-mnist) on real Fashion-MNIST test images."""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.data import load_fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "server-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, state_dir: Path, **env):
+        self.state_dir, self.env, self.proc, self.port = state_dir, env, None, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> "Server":
+        env = os.environ | {"API_TOKEN": TOKEN, "STATE_DIR": str(self.state_dir), "MODEL_STORE": str(ROOT / "model_store"),
+                            "MODEL_NAME": "fashion-mnist", "PYTHONPATH": str(ROOT)} | self.env
+        self.log = open(self.state_dir / f"server-{time.time_ns()}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(self.port),
+                                      "--log-level", "warning"], env=env, cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server not ready")
+
+    def kill(self, sig=signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def images():
+    ds = load_fashion_mnist()
+    out = []
+    for i in range(200):
+        buf = io.BytesIO()
+        Image.fromarray(ds.test.images[i, 0].numpy()).save(buf, format="PNG")
+        out.append((buf.getvalue(), ds.classes[int(ds.test.labels[i])]))
+    return out
+
+
+@pytest.fixture
+def server(tmp_path):
+    servers = []
+
+    def make(**env):
+        s = Server(tmp_path, **env).start()
+        servers.append(s)
+        return s
+    yield make
+    for s in servers:
+        if s.proc.poll() is None:
+            s.kill(signal.SIGTERM)
+
+
+def predict(url, data):
+    r = httpx.post(url + "/predict", files={"file": ("x.png", data, "image/png")}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"][0]
+
+
+def test_predicts_real_fashion_mnist_images(server, images):
+    s = server()
+    right = sum(predict(s.url, data)["label"] == label for data, label in images[:100])
+    assert right >= 85  # the trained model is ~93% accurate; 100 images leave room for chance
+
+
+def test_feedback_teaches_and_new_class_is_predicted(server, images):
+    s = server()
+    data, true = images[0]
+    wrong = "Bag" if true != "Bag" else "Coat"
+    r = httpx.post(s.url + "/feedback", files={"file": ("x.png", data, "image/png")}, data={"label": wrong},
+                   headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    p = predict(s.url, data)
+    assert p["path"] == "memory" and p["label"] == wrong
+    new = images[1][0]
+    r = httpx.post(s.url + "/feedback", files={"file": ("x.png", new, "image/png")}, data={"label": "Umbrella"},
+                   headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["new_class"] is True
+    assert predict(s.url, new)["label"] == "Umbrella"
+    assert httpx.post(s.url + "/feedback", files={"file": ("x.png", new, "image/png")},
+                      data={"label": "Umbrella"}, timeout=30).status_code == 401
+    text = httpx.get(s.url + "/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert sum(x.value for x in fams["feedback"].samples if x.name == "feedback_total") == 2
+
+
+def feedback_stream(url, stop: threading.Event, acked: list, rng):
+    """Post distinct random images with random labels until stopped or the server dies."""
+    while not stop.is_set():
+        arr = rng.integers(0, 255, (28, 28), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        label = str(int(rng.integers(0, 10)))
+        try:
+            r = httpx.post(url + "/feedback", files={"file": ("x.png", buf.getvalue(), "image/png")},
+                           data={"label": label}, headers=AUTH, timeout=10)
+        except httpx.HTTPError:
+            return
+        if r.status_code == 200:
+            acked.append((buf.getvalue(), int(label), r.json()["items"][0]["feedback_id"]))
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_kill_9_during_feedback_loses_nothing(server, round_):
+    rng = np.random.default_rng(round_)
+    s = server()
+    acked, stop = [], threading.Event()
+    t = threading.Thread(target=feedback_stream, args=(s.url, stop, acked, rng))
+    t.start()
+    deadline = time.monotonic() + 60
+    target = int(rng.integers(5, 25))
+    while len(acked) < target and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(float(rng.uniform(0, 0.05)))  # a random moment, likely mid-request
+    s.kill()
+    stop.set()
+    t.join()
+    assert len(acked) >= target
+    s2 = server()
+    mem = httpx.get(s2.url + "/memory").json()
+    ids = [a[2] for a in acked]
+    assert len(set(ids)) == len(ids)
+    assert mem["last_feedback_id"] >= max(ids)
+    assert mem["feedback_items"] == mem["last_feedback_id"]  # each journalled feedback applied once
+    for data, label, fid in acked:
+        p = predict(s2.url, data)
+        assert p["path"] == "memory" and p["label_index"] == label and p["nearest"]["feedback_id"] == fid
+
+
+def test_sigterm_writes_a_snapshot_and_restart_keeps_memory(server, images):
+    s = server()
+    for data, _ in images[10:15]:
+        httpx.post(s.url + "/feedback", files={"file": ("x.png", data, "image/png")}, data={"label": "Shirt"},
+                   headers=AUTH, timeout=30)
+    before = httpx.get(s.url + "/memory").json()
+    assert s.kill(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    snaps = list(s.state_dir.rglob("snapshot-*.json"))
+    assert snaps, "no snapshot written on shutdown"
+    after = httpx.get(server().url + "/memory").json()
+    assert {k: v for k, v in after.items() if k != "last_snapshot_time"} == \
+        {k: v for k, v in before.items() if k != "last_snapshot_time"}
+
+
+def test_model_name_outside_the_store_is_refused_at_start(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT), "MODEL_NAME": "../etc", "STATE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "service", "serve", "--port", str(free_port())], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid model name" in r.stderr
