@@ -36,16 +36,16 @@ test: install data
 
 # The committed models, made by the project's own training command (README: results)
 train-fashion-mnist: install data
-	$(PY) -m service train --dataset fashion-mnist --name fashion-mnist --memory cached
+	$(PY) -m service train --dataset fashion-mnist --name fashion-mnist --memory cached --backbone small_resnet_wide
 
 train-cifar10: install
 	$(PY) -m service train --dataset cifar10 --data-dir $(CIFAR_ZIP) --name cifar10 --memory cached \
 	  --backbone small_resnet_wide
 
-models: train-fashion-mnist train-cifar10
+models: install data
+	bench/train_models.sh
 
 bench: install data
-	$(PY) bench/memory_vs_baseline.py
 	$(PY) bench/train_step_overhead.py
 	$(PY) bench/service_latency.py
 

@@ -160,6 +160,10 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.code, exc.detail, exc.headers)
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge):
+        return error_response(413, "body_too_large", "request body exceeds the upload limit")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return error_response(422, "invalid_request", exc.errors())

@@ -38,3 +38,24 @@ def save_tiny_model(store, name="tiny", memory="cached", memory_classes=6, prefi
             model.memory.update(model.backbone(torch.randn(prefill, 1, 28, 28)), torch.arange(prefill) % 4)
     save_model(store, name, model, CLASSES, InputSpec(28, 1, [0.5], [0.5]))
     return model
+
+
+def bomb_png(width=100_000, height=100_000) -> bytes:
+    """A tiny PNG whose header declares a huge image (a decompression bomb)."""
+    import struct
+    import zlib
+
+    data = bytearray(image_bytes())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def zip_bytes() -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.png", image_bytes())
+    return buf.getvalue()

@@ -1,0 +1,147 @@
+"""The service as a user meets it, one client on loopback:
+
+- start to ready: seconds from launching `python -m service serve` to /readyz answering 200;
+- /predict and /feedback latency with real 28x28 Fashion-MNIST PNGs: p50, p90, p99;
+- the bad-input corpus (tests/corpus.py): every case's status, and how many got a 5xx.
+
+    .venv/bin/python bench/service_latency.py [--requests 500] [--starts 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import header, spread, write_record  # noqa: E402
+from service.data import load_fashion_mnist  # noqa: E402
+
+TOKEN = "bench-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(state_dir: str, env_extra: dict) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    env = os.environ | {"API_TOKEN": TOKEN, "STATE_DIR": state_dir, "PYTHONPATH": str(ROOT)} | env_extra
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during start-up")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+
+
+def percentiles(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": len(ms)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-name", default="fashion-mnist")
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--feedback", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--starts", type=int, default=3)
+    args = ap.parse_args()
+    config = vars(args)
+    m = header(config)
+    env = {"MODEL_NAME": args.model_name, "MAX_UPLOAD_BYTES": "200000", "MAX_PIXELS": "1000000", "MAX_FILES": "8"}
+
+    ds = load_fashion_mnist()
+    pngs = []
+    for i in range(args.requests + args.feedback + args.warmup):
+        buf = io.BytesIO()
+        Image.fromarray(ds.test.images[i % len(ds.test.images), 0].numpy()).save(buf, format="PNG")
+        pngs.append((buf.getvalue(), int(ds.test.labels[i % len(ds.test.labels)])))
+
+    results: dict = {}
+    starts = []
+    for _ in range(args.starts):
+        with tempfile.TemporaryDirectory() as d:
+            proc, url, secs = start_server(d, env)
+            starts.append(secs)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    results["start_to_ready_s"] = spread(starts)
+    print(f"start to ready: median {results['start_to_ready_s']['median']:.2f} s over {len(starts)} starts")
+
+    with tempfile.TemporaryDirectory() as d:
+        proc, url, _ = start_server(d, env)
+        try:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                lat, paths = [], {"memory": 0, "network": 0}
+                for i, (data, _) in enumerate(pngs[: args.warmup + args.requests]):
+                    t = time.perf_counter()
+                    r = c.post("/predict", files={"file": ("x.png", data, "image/png")})
+                    ms = 1e3 * (time.perf_counter() - t)
+                    assert r.status_code == 200, r.text
+                    if i >= args.warmup:
+                        lat.append(ms)
+                        paths[r.json()["predictions"][0]["path"]] += 1
+                results["predict_ms"] = percentiles(lat) | {"paths": paths}
+                flat = []
+                for data, label in pngs[args.warmup + args.requests:]:
+                    t = time.perf_counter()
+                    r = c.post("/feedback", files={"file": ("x.png", data, "image/png")}, data={"label": str(label)},
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+                    flat.append(1e3 * (time.perf_counter() - t))
+                    assert r.status_code == 200, r.text
+                results["feedback_ms"] = percentiles(flat)
+
+                from tests.corpus import BAD_PREDICT
+
+                mem_before = c.get("/memory").json()
+                cases = []
+                for name, kw, expected in BAD_PREDICT:
+                    r = c.post("/predict", **kw)
+                    is_json = r.headers.get("content-type", "").startswith("application/json")
+                    cases.append({"case": name, "expected": expected, "status": r.status_code,
+                                  "json_error": is_json and ("error" in r.json() or r.status_code == 200)})
+                results["bad_inputs"] = {
+                    "cases": cases, "tried": len(cases),
+                    "as_expected": sum(c_["status"] == c_["expected"] and c_["json_error"] for c_ in cases),
+                    "5xx": sum(c_["status"] >= 500 for c_ in cases),
+                    "memory_unchanged": c.get("/memory").json() == mem_before,
+                    "process_alive": proc.poll() is None,
+                }
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    for k in ("predict_ms", "feedback_ms"):
+        v = results[k]
+        print(f"{k}: p50 {v['p50']:.2f}  p90 {v['p90']:.2f}  p99 {v['p99']:.2f}  (n={v['n']})")
+    b = results["bad_inputs"]
+    print(f"bad inputs: {b['as_expected']}/{b['tried']} answered as expected, {b['5xx']} 5xx, "
+          f"memory unchanged: {b['memory_unchanged']}")
+    write_record("service_latency", config, results, m)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Bad /predict requests with the status each must get: used by tests/test_app.py against
+the app and by bench/service_latency.py against a live server (limits: 200 kB body,
+1 Mpx, 8 files)."""
+
+from tests.helpers import bomb_png, image_bytes, zip_bytes
+
+
+def png(seed=0, **kw):
+    return ("x.png", image_bytes(seed=seed, **kw), "image/png")
+
+
+BAD_PREDICT = [
+    ("empty body", dict(content=b"", headers={"content-type": "multipart/form-data; boundary=x"}), 422),
+    ("not an image", dict(files={"file": ("a.png", b"hello, not an image", "image/png")}), 422),
+    ("zero-byte file", dict(files={"file": ("a.png", b"", "image/png")}), 422),
+    ("truncated png", dict(files={"file": ("a.png", image_bytes()[:60], "image/png")}), 422),
+    ("truncated jpeg", dict(files={"file": ("a.jpg", image_bytes("JPEG", size=(64, 64))[:300], "image/jpeg")}), 422),
+    ("too many pixels", dict(files={"file": ("a.png", image_bytes(size=(1200, 1000)), "image/png")}), 413),
+    ("body over limit", dict(files={"file": ("a.png", b"\0" * 300_000, "image/png")}), 413),
+    ("wrong content type", dict(content=b"abc", headers={"content-type": "text/plain"}), 415),
+    ("no content type", dict(content=b"abc"), 415),
+    ("misspelled field", dict(files={"files": png()}), 422),
+    ("text instead of file", dict(data={"file": "abc"}, files={"file": png()}), 422),
+    ("url-encoded form", dict(data={"file": "abc"}), 415),
+    ("malformed base64", dict(json={"image_base64": "@@not base64@@"}), 422),
+    ("json missing key", dict(json={"image": "aGVsbG8="}), 422),
+    ("json not json", dict(content=b"{oops", headers={"content-type": "application/json"}), 422),
+    ("decompression bomb", dict(files={"file": ("a.png", bomb_png(), "image/png")}), 413),
+    ("10000x1 image", dict(files={"file": ("a.png", image_bytes(size=(10000, 1)), "image/png")}), 200),
+    ("svg named png", dict(files={"file": ("a.png", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/png")}), 422),
+    ("html named jpg", dict(files={"file": ("a.jpg", b"<html><body>hi</body></html>", "image/jpeg")}), 422),
+    ("zip file", dict(files={"file": ("a.png", zip_bytes(), "image/png")}), 422),
+    ("too many files", dict(files=[("file", png(i)) for i in range(9)]), 413),
+]
