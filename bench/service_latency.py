@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,32 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, spread, write_record  # noqa: E402
 from service.data import load_fashion_mnist  # noqa: E402
+from tests.live import Server  # noqa: E402
 
 TOKEN = "bench-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(state_dir: str, env_extra: dict) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
-    env = os.environ | {"API_TOKEN": TOKEN, "STATE_DIR": state_dir, "PYTHONPATH": str(ROOT)} | env_extra
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url, time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
 
 
 def percentiles(ms: list[float]) -> dict:
@@ -85,17 +59,16 @@ def main() -> None:
     starts = []
     for _ in range(args.starts):
         with tempfile.TemporaryDirectory() as d:
-            proc, url, secs = start_server(d, env)
-            starts.append(secs)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            s = Server(d, TOKEN, **env).start()
+            starts.append(s.start_seconds)
+            s.kill(signal.SIGTERM)
     results["start_to_ready_s"] = spread(starts)
     print(f"start to ready: median {results['start_to_ready_s']['median']:.2f} s over {len(starts)} starts")
 
     with tempfile.TemporaryDirectory() as d:
-        proc, url, _ = start_server(d, env)
+        s = Server(d, TOKEN, **env).start()
         try:
-            with httpx.Client(base_url=url, timeout=30) as c:
+            with httpx.Client(base_url=s.url, timeout=30) as c:
                 lat, paths = [], {"memory": 0, "network": 0}
                 for i, (data, _) in enumerate(pngs[: args.warmup + args.requests]):
                     t = time.perf_counter()
@@ -129,11 +102,10 @@ def main() -> None:
                     "as_expected": sum(c_["status"] == c_["expected"] and c_["json_error"] for c_ in cases),
                     "5xx": sum(c_["status"] >= 500 for c_ in cases),
                     "memory_unchanged": c.get("/memory").json() == mem_before,
-                    "process_alive": proc.poll() is None,
+                    "process_alive": s.alive(),
                 }
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            s.kill(signal.SIGTERM)
     for k in ("predict_ms", "feedback_ms"):
         v = results[k]
         print(f"{k}: p50 {v['p50']:.2f}  p90 {v['p90']:.2f}  p99 {v['p99']:.2f}  (n={v['n']})")

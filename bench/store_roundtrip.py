@@ -3,7 +3,8 @@ load model_store/<name>, save it to a temporary store, load that, predict every 
 with both and compare labels, paths, confidences and nearest slots.
 
     .venv/bin/python bench/store_roundtrip.py --name fashion-mnist
-    .venv/bin/python bench/store_roundtrip.py --name cifar10 --dataset cifar10 --data-dir ../shared/data/cifar10-jpeg.zip
+    .venv/bin/python bench/store_roundtrip.py --name cifar10 --dataset cifar10 \
+        --data-dir ../shared/data/cifar10-jpeg.zip
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import header, write_record  # noqa: E402

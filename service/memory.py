@@ -46,8 +46,9 @@ class MemoryConfig:
     """Length of each stored feature vector."""
     num_classes: int = 10
     """Size of the memory's label space (may exceed the network head's classes)."""
-    similarity_threshold: float = 0.95
-    """When full, an example whose best similarity is below this replaces a slot; others are skipped."""
+    similarity_threshold: float = 1.0
+    """When full, an example whose best similarity is below this replaces a slot; others are skipped
+    (1.0: only exact duplicates are skipped, which keeps the memory fresh as training moves features)."""
     temperature: float = 0.1
     """Softmax temperature of retrieval weights and of the contrastive loss."""
     top_k: int = 5

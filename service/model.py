@@ -39,8 +39,8 @@ class ClassifierConfig:
     """Label space of the memory (>= num_classes; room for classes taught by feedback). Default num_classes."""
     confidence_threshold: float = 0.85
     """The memory's answer is used when its confidence reaches this."""
-    similarity_threshold: float = 0.95
-    """A full memory replaces an item only for an example less similar than this to every item."""
+    similarity_threshold: float = 1.0
+    """A full memory replaces an item only for an example less similar than this to every item (1.0: always)."""
     temperature: float = 0.1
     """Softmax temperature of retrieval and of the contrastive loss."""
     top_k: int = 5
@@ -136,7 +136,8 @@ class EnhancedClassifier(nn.Module):
         probs = torch.zeros(B, C)
         net = (~used_memory).nonzero().squeeze(1)
         if net.numel():
-            probs[net, : self.config.num_classes] = torch.softmax(self.head(features[net]).float(), -1)  # (N, num_classes)
+            head_logits = self.head(features[net]).float()  # (N, num_classes)
+            probs[net, : self.config.num_classes] = torch.softmax(head_logits, -1)
         t3 = time.perf_counter()
         labels, confidence, used_memory = route_by_confidence(r, probs, threshold)
         scores = torch.where(used_memory.unsqueeze(-1), r.class_scores, probs)

@@ -41,16 +41,16 @@ class TrainConfig:
     """Training epochs."""
     batch_size: int = 128
     """Training batch size."""
-    lr: float = 0.05
+    lr: float = 0.1
     """Peak learning rate of the one-cycle SGD schedule."""
     weight_decay: float = 5e-4
     """SGD weight decay (not applied to memory parameters)."""
     memory_loss_weight: float = 0.4
     """Weight of the contrastive memory loss added to cross-entropy."""
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy."""
     augment_pad: int | None = None
-    """Random translation in pixels (default 2 for 28 px, 4 for 32 px images)."""
+    """Random translation in pixels (default 0 for 28 px images, 4 for larger: a crop with padding)."""
     flip: bool = True
     """Random horizontal flips in training."""
     exclude_classes: list[str] = field(default_factory=list)
@@ -255,7 +255,7 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = Non
     train_x, train_y = ds.train.images[:tc.limit_train], ds.train.labels[:tc.limit_train]
     test_x, test_y = ds.test.images[:tc.limit_test], ds.test.labels[:tc.limit_test]
     mean, std = ds.normalization()
-    pad = tc.augment_pad if tc.augment_pad is not None else (2 if ds.image_size <= 28 else 4)
+    pad = tc.augment_pad if tc.augment_pad is not None else (0 if ds.image_size <= 28 else 4)
     bf16 = tc.use_bf16()
 
     model = build_model(tc, cc, ds).to(memory_format=torch.channels_last)

@@ -224,3 +224,27 @@ def test_chunked_body_over_limit_is_refused_while_streaming(client):
             yield b"x" * 10_000  # 400 kB, no Content-Length: counted as it arrives
     r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+
+def test_inference_runs_off_the_event_loop(client, monkeypatch):
+    import threading
+
+    rt = client.app.state.service.runtime
+    entered, gate = threading.Event(), threading.Event()
+    original = rt.predict
+
+    def held(batch):
+        entered.set()
+        gate.wait(30)
+        return original(batch)
+    monkeypatch.setattr(rt, "predict", held)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=client.post("/predict", files={"file": png()})))
+    t.start()
+    assert entered.wait(30)
+    assert client.get("/healthz").status_code == 200  # answered while the model thread is busy
+    assert client.get("/memory").status_code == 200
+    assert t.is_alive()
+    gate.set()
+    t.join(30)
+    assert result["r"].status_code == 200

@@ -3,7 +3,7 @@ import torch
 
 from service.backbones import BUILTIN, create_backbone
 from service.memory import EMPTY, Retrieval
-from service.model import MEMORY_KINDS, ClassifierConfig, EnhancedClassifier, route_by_confidence
+from service.model import MEMORY_KINDS, ClassifierConfig, route_by_confidence
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
@@ -25,7 +25,8 @@ def test_unknown_backbone_names_the_choices():
         create_backbone("timm:not_a_model", 1)
 
 
-@pytest.mark.parametrize("bad,flag", [(dict(memory="lru"), "--memory"), (dict(confidence_threshold=1.5), "--confidence"),
+@pytest.mark.parametrize("bad,flag", [(dict(memory="lru"), "--memory"),
+                                      (dict(confidence_threshold=1.5), "--confidence"),
                                       (dict(memory_classes=2, num_classes=4), "--memory-classes")])
 def test_config_rejects_bad_combinations(bad, flag):
     with pytest.raises(ValueError, match=flag):

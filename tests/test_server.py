@@ -4,12 +4,10 @@
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,45 +16,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.data import load_fashion_mnist
+from tests.live import ROOT, Server, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "server-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, state_dir: Path, **env):
-        self.state_dir, self.env, self.proc, self.port = state_dir, env, None, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 90) -> "Server":
-        env = os.environ | {"API_TOKEN": TOKEN, "STATE_DIR": str(self.state_dir), "MODEL_STORE": str(ROOT / "model_store"),
-                            "MODEL_NAME": "fashion-mnist", "PYTHONPATH": str(ROOT)} | self.env
-        self.log = open(self.state_dir / f"server-{time.time_ns()}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(self.port),
-                                      "--log-level", "warning"], env=env, cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
-
-    def kill(self, sig=signal.SIGKILL) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(60)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +38,12 @@ def server(tmp_path):
     servers = []
 
     def make(**env):
-        s = Server(tmp_path, **env).start()
+        s = Server(tmp_path, TOKEN, **env).start()
         servers.append(s)
         return s
     yield make
     for s in servers:
-        if s.proc.poll() is None:
+        if s.alive():
             s.kill(signal.SIGTERM)
 
 

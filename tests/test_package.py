@@ -1,0 +1,16 @@
+import subprocess
+import sys
+
+
+def test_ml_core_does_not_import_the_web_stack():
+    code = ("import sys, service.memory, service.model, service.train, service.store, service.runtime, "
+            "service.journal, service.images, service.cli; "
+            "web = [m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client') if m in sys.modules]; "
+            "print(web); sys.exit(1 if web else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_has_train_and_serve():
+    r = subprocess.run([sys.executable, "-m", "service", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train" in r.stdout and "serve" in r.stdout
