@@ -40,7 +40,7 @@ train-fashion-mnist: install data
 
 train-cifar10: install
 	$(PY) -m service train --dataset cifar10 --data-dir $(CIFAR_ZIP) --name cifar10 --memory cached \
-	  --backbone small_resnet_wide
+	  --backbone poolnet
 
 models: install data
 	bench/train_models.sh

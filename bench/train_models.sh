@@ -18,7 +18,7 @@ run() {  # run <name> <store> <args...>
 
 # the seed's settings are the defaults: memory 10000, threshold 0.85, 5 epochs, batch 128, memory loss 0.4
 FM=(--dataset fashion-mnist --backbone small_resnet_wide)
-C10=(--dataset cifar10 --data-dir "$CIFAR_ZIP" --backbone small_resnet_wide --similarity-threshold 0.95)
+C10=(--dataset cifar10 --data-dir "$CIFAR_ZIP" --backbone poolnet)
 case $ONLY in all|fashion-mnist) run fashion-mnist model_store "${FM[@]}" --memory cached ;; esac
 case $ONLY in all|cifar10) run cifar10 model_store "${C10[@]}" --memory cached ;; esac
 case $ONLY in all|fashion-mnist-none) run fashion-mnist-none runs/store "${FM[@]}" --memory none ;; esac

@@ -14,3 +14,9 @@ def test_ml_core_does_not_import_the_web_stack():
 def test_cli_has_train_and_serve():
     r = subprocess.run([sys.executable, "-m", "service", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout and "serve" in r.stdout
+
+
+def test_asgi_app_is_importable_for_uvicorn():
+    code = "import service.app as m; from fastapi import FastAPI; assert isinstance(m.app, FastAPI)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
