@@ -96,22 +96,37 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False) -> D
         "or pass --download to fetch it with torchvision.")
 
 
-def load_cifar10(data_dir: str | None = None, download: bool = False) -> Dataset:
-    """torchvision's CIFAR-10 (python pickle-free batches are not offered, so this reads
-    torchvision's files) from `data_dir` (default ./data), downloading only when asked."""
-    from torchvision.datasets import CIFAR10
+CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
-    root = data_dir or "data"
-    try:
-        train = CIFAR10(root, train=True, download=download)
-        test = CIFAR10(root, train=False, download=download)
-    except RuntimeError as e:
+
+def _read_cifar_bin(path: Path) -> Split:
+    """A CIFAR-10 binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, 3073)
+    images = torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).copy())
+    return Split(images, torch.from_numpy(raw[:, 0].astype(np.int64)))
+
+
+def load_cifar10(data_dir: str | None = None, download: bool = False) -> Dataset:
+    """CIFAR-10's binary version (cifar-10-batches-bin: plain bytes, no pickle) from
+    `data_dir` (default ./data), downloading it only when asked."""
+    root = Path(data_dir or "data")
+    folder = root if (root / "test_batch.bin").exists() else root / "cifar-10-batches-bin"
+    if not (folder / "test_batch.bin").exists() and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(CIFAR10_BINARY_URL, str(root), md5=CIFAR10_BINARY_MD5)
+        folder = root / "cifar-10-batches-bin"
+    files = [folder / f"data_batch_{i}.bin" for i in range(1, 6)] + [folder / "test_batch.bin"]
+    if not all(f.exists() for f in files):
         raise DatasetMissing(
-            f"CIFAR-10 not found under {root!r} ({e}). Pass --download to fetch it, or use "
-            "--dataset imagefolder --data-dir <folder or .zip of class sub-folders>.") from e
-    def split(ds) -> Split:
-        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
-    return Dataset("cifar10", split(train), split(test), list(train.classes))
+            f"CIFAR-10 binary batches not found under {str(root)!r}. Pass --download to fetch them, or use "
+            "--data-dir <folder or .zip of train/<class>/ and test/<class>/ images>.")
+    parts = [_read_cifar_bin(f) for f in files[:5]]
+    train = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+    classes = (folder / "batches.meta.txt").read_text().split() if (folder / "batches.meta.txt").exists() else \
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return Dataset("cifar10", train, _read_cifar_bin(files[5]), classes)
 
 
 def load_imagefolder(path: str, name: str | None = None) -> Dataset:

@@ -63,12 +63,14 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, rename over it, fsync the folder."""
+def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write to a temporary file beside `path`, fsync, rename over it, fsync the folder.
+    `mode` is set explicitly: mkstemp's 0600 would hide a model from the service's user."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -92,3 +92,22 @@ def test_cli_rejects_bad_flag_values(capsys):
     assert main(["train", "--epochs", "0", "--no-progress"]) == 2
     assert "--epochs" in capsys.readouterr().err
     assert main(["train", "--memory", "lru", "--no-progress"]) == 2
+
+
+def test_cifar10_binary_batches_are_read_without_pickle(tmp_path):
+    import numpy as np
+
+    from service.data import load_cifar10
+
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = rng.integers(0, 256, (4, 3073), dtype=np.uint8)
+        rec[:, 0] = [0, 3, 9, 1]
+        rec.tofile(folder / name)
+    ds = load_cifar10(str(tmp_path))
+    assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.labels.tolist() == [0, 3, 9, 1]
+    assert ds.classes[9] == "truck"
+    with pytest.raises(FileNotFoundError, match="--download"):
+        load_cifar10(str(tmp_path / "empty"))
