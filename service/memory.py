@@ -103,8 +103,8 @@ class Memory(nn.Module):
         self.register_buffer("replacements", torch.zeros((), dtype=torch.int64))
 
     # --- what subclasses provide -------------------------------------------------------
-    def normalized_keys(self) -> torch.Tensor:  # (M, D)
-        raise NotImplementedError
+    keys: torch.Tensor  # (M, D): a buffer (cached, stored unit-length) or a parameter (trainable)
+    keys_are_unit: bool = False  # True when keys are stored L2-normalised
 
     def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:  # (..., C)
         raise NotImplementedError
@@ -132,17 +132,24 @@ class Memory(nn.Module):
         held = self.labels[self.filled()]
         return torch.bincount(held, minlength=self.config.num_classes)
 
-    def _similarities(self, features: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each query to every slot, -inf for empty slots."""
+    def similarity(self, features: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Cosine similarity of each query to every slot, (B, M), -inf for empty slots.
+        One matrix product; `dtype=torch.bfloat16` runs it on the CPU's bf16 units (training)."""
         q = F.normalize(features, dim=-1)  # (B, D)
-        sims = q @ self.normalized_keys().T  # (B, M)
-        return sims.masked_fill(~self.filled(), float("-inf"))
+        keys = self.keys  # (M, D)
+        if dtype is not None:
+            q, keys = q.to(dtype), keys.to(dtype)
+        sims = (q @ keys.T).float()  # (B, M)
+        if not self.keys_are_unit:  # scale columns by 1/|key|: cheaper than normalising (M, D)
+            sims = sims * self.keys.norm(dim=-1).clamp_min(1e-12).reciprocal()
+        filled = self.filled()
+        return sims if bool(filled.all()) else sims.masked_fill(~filled, float("-inf"))
 
     # --- retrieval -------------------------------------------------------------------------
     def retrieve(self, features: torch.Tensor, k: int | None = None) -> Retrieval:
         """Nearest filled slots of each query and the neighbours' vote; see module docstring."""
         k = min(k or self.config.top_k, self.capacity)
-        sims = self._similarities(features)  # (B, M)
+        sims = self.similarity(features)  # (B, M)
         top_sim, top_slot = sims.topk(k, dim=-1)  # (B, k)
         valid = torch.isfinite(top_sim)  # (B, k) False where fewer than k slots are filled
         top_slot = top_slot.masked_fill(~valid, EMPTY)
@@ -162,34 +169,40 @@ class Memory(nn.Module):
         return Retrieval(labels, confidence, top_slot, top_sim, votes)
 
     # --- loss ------------------------------------------------------------------------------
-    def contrastive_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(self, features: torch.Tensor, labels: torch.Tensor,
+                         similarity: torch.Tensor | None = None) -> torch.Tensor:
         """Supervised contrastive loss of queries against memory items (NCA form).
 
         p = softmax(cos(query, item) / temperature) over filled items; the loss of a query is
-        -log(sum_m p_m * dist_m[label]), the probability mass on items of its class. Queries
-        whose class the memory does not hold add nothing; with none left the loss is a
-        differentiable zero.
+        -log(sum_m p_m * dist_m[label]), the probability mass on items of its class, computed
+        for all classes at once as p @ dist. Queries whose class the memory does not hold add
+        nothing; with none left the loss is a differentiable zero. `similarity` (B, M) may be
+        passed when already computed.
         """
-        filled = self.filled()
         zero = features.sum() * 0.0
-        if not bool(filled.any()):
+        if self.size == 0:
             return zero
-        slots = filled.nonzero().squeeze(1)  # (F,)
-        q = F.normalize(features, dim=-1)  # (B, D)
-        logits = q @ self.normalized_keys()[slots].T / self.config.temperature  # (B, F)
-        log_p = torch.log_softmax(logits, dim=-1)  # (B, F)
-        dist = self.class_distribution(slots)  # (F, C)
-        positive = dist[:, labels].T  # (B, F) how much each item speaks for the query's label
-        has_positive = (positive > 0).any(-1)  # (B,)
+        sims = self.similarity(features) if similarity is None else similarity  # (B, M), -inf on empty
+        dist = self.slot_distribution()  # (M, C), zero rows for empty slots
+        has_positive = (dist.sum(0) > 0)[labels]  # (B,) the memory holds the query's class
         if not bool(has_positive.any()):
             return zero
-        mass = (log_p.exp() * positive).sum(-1)  # (B,) probability on items of the query's class
-        return -torch.log(mass[has_positive].clamp_min(1e-12)).mean()
+        p = torch.softmax(sims / self.config.temperature, dim=-1)  # (B, M)
+        class_mass = p @ dist  # (B, C)
+        mass = class_mass.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B,)
+        return -torch.log(mass[has_positive].clamp_min(1e-30)).mean()
+
+    def slot_distribution(self) -> torch.Tensor:
+        """(M, C) class distribution of every slot, zero rows for empty slots."""
+        return self.class_distribution(torch.arange(self.capacity)) * self.filled().unsqueeze(-1)
 
     # --- writes ----------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> UpdateReport:
-        """Write a batch: fill empty slots in order, then apply the replacement rule."""
+    def update(self, features: torch.Tensor, labels: torch.Tensor,
+               similarity: torch.Tensor | None = None) -> UpdateReport:
+        """Write a batch: fill empty slots in order, then apply the replacement rule.
+        `similarity` (B, M), the batch against the memory before this call, may be passed
+        when already computed (training computes it for the loss)."""
         B = features.shape[0]
         features = features.detach().to(self.labels.device, torch.float32)
         labels = labels.to(self.labels.device, torch.int64)
@@ -207,7 +220,7 @@ class Memory(nn.Module):
         rest = torch.arange(n_fill, B)
         if rest.numel():
             # compared with the memory as it is before this batch's own fills
-            sims = self._similarities(features[rest])  # (R, M)
+            sims = self.similarity(features[rest]) if similarity is None else similarity[rest].detach()  # (R, M)
             best = sims.max(-1).values  # (R,)
             wants = best < self.config.similarity_threshold  # (R,)
             chosen = torch.full((rest.numel(),), EMPTY, dtype=torch.int64)
@@ -253,7 +266,7 @@ class Memory(nn.Module):
         # writes of those before it
         for i in range(B):
             f, y = features[i:i + 1], labels[i:i + 1]
-            sims = self._similarities(f)  # (1, M)
+            sims = self.similarity(f)  # (1, M)
             best_sim, best = sims.max(-1)
             if bool(torch.isfinite(best_sim)) and float(best_sim) >= EXACT_MATCH:
                 if int(self.labels[best]) == int(y):
@@ -276,30 +289,35 @@ class Memory(nn.Module):
         return UpdateReport(action, slot, previous)
 
 
-def _assign_distinct(cost: torch.Tensor) -> torch.Tensor:
+def _assign_distinct(cost: torch.Tensor, k: int = 32) -> torch.Tensor:
     """Give each row the column of lowest cost, no column twice (NaN = unavailable).
 
-    Rounds of argmin: colliding rows keep the first, the others retry without the columns
-    taken. Rounds, not rows, are looped over; one round suffices when rows disagree.
+    Each row keeps its k cheapest columns as candidates; in rounds, every unassigned row
+    takes its cheapest candidate not yet taken, and where rows collide the first wins. The
+    rounds work on (rows, k) tensors; a row that runs out of candidates draws k new ones.
     """
     N, M = cost.shape
-    cost = cost.clone()
+    k = min(k, M)
+    full = cost.nan_to_num(nan=float("inf"))  # (N, M)
+    cand_cost, cand = full.topk(k, dim=-1, largest=False)  # (N, k), cheapest first
     result = torch.full((N,), EMPTY, dtype=torch.int64)
+    taken = torch.zeros(M, dtype=torch.bool)
     todo = torch.arange(N)
     while todo.numel():
-        sub = cost[todo]  # (T, M)
-        available = ~torch.isnan(sub)
-        has = available.any(-1)
-        todo = todo[has]
-        if not todo.numel():
-            break
-        pick = sub[has].nan_to_num(nan=float("inf")).argmin(-1)  # (T,)
-        # first row per column wins: order by (column, row) and keep each column's first
-        order = torch.argsort(pick * N + torch.arange(pick.numel()), stable=True)
+        avail = torch.isfinite(cand_cost[todo]) & ~taken[cand[todo]]  # (T, k)
+        empty = ~avail.any(-1)
+        if bool(empty.any()):  # out of candidates: draw fresh ones, drop rows with none left
+            rows = todo[empty]
+            cand_cost[rows], cand[rows] = full[rows].masked_fill(taken, float("inf")).topk(k, -1, largest=False)
+            keep = torch.isfinite(cand_cost[rows, 0])
+            todo = torch.cat([todo[~empty], rows[keep]])
+            continue
+        pick = cand[todo, avail.int().argmax(-1)]  # (T,) first available candidate
+        order = torch.argsort(pick * N + torch.arange(pick.numel()), stable=True)  # by column, then row
         first = torch.ones(pick.numel(), dtype=torch.bool)
         first[order[1:]] = pick[order[1:]] != pick[order[:-1]]
         result[todo[first]] = pick[first]
-        cost[:, pick[first]] = float("nan")
+        taken[pick[first]] = True
         todo = todo[~first]
     return result
 
@@ -312,8 +330,7 @@ class CachedMemory(Memory):
         super().__init__(config)
         self.register_buffer("keys", torch.zeros(config.capacity, config.feature_dim))
 
-    def normalized_keys(self) -> torch.Tensor:
-        return self.keys  # written normalised
+    keys_are_unit = True  # written normalised, never trained
 
     def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:
         return F.one_hot(self.labels[slots].clamp_min(0), self.config.num_classes).float()
@@ -344,9 +361,6 @@ class TrainableMemory(Memory):
         super().__init__(config)
         self.keys = nn.Parameter(torch.zeros(config.capacity, config.feature_dim))
         self.values = nn.Parameter(torch.zeros(config.capacity, config.num_classes))
-
-    def normalized_keys(self) -> torch.Tensor:
-        return F.normalize(self.keys, dim=-1)
 
     def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:
         v = self.values[slots]  # (..., C)

@@ -221,15 +221,17 @@ def train_step(model: EnhancedClassifier, opt: torch.optim.Optimizer, x: torch.T
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits, features = model(x)  # (B, num_classes), (B, D)
     ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    mem_loss = torch.zeros(())
-    if model.memory is not None and memory_loss_weight > 0:
-        mem_loss = model.memory.contrastive_loss(features.float(), y)
+    mem_loss, sims = torch.zeros(()), None
+    if model.memory is not None and memory_loss_weight > 0 and model.memory.size:
+        # one similarity matrix serves the loss and the write that follows
+        sims = model.memory.similarity(features.float(), torch.bfloat16 if bf16 else None)  # (B, M)
+        mem_loss = model.memory.contrastive_loss(features, y, similarity=sims)
     loss = ce + memory_loss_weight * mem_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     if model.memory is not None:
-        model.memory.update(features.detach().float(), y)
+        model.memory.update(features.detach().float(), y, similarity=None if sims is None else sims.detach())
     return ce.item(), mem_loss.item(), (logits.argmax(-1) == y).sum().item()
 
 
@@ -239,9 +241,14 @@ def make_optimizer(model: EnhancedClassifier, tc: TrainConfig, total_steps: int)
     no_decay = [p for n, p in model.named_parameters() if not n.startswith("memory.") and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if memory_params:
-        groups.append({"params": memory_params, "weight_decay": 0.0})
+        # no momentum: slots are rewritten every few steps, so momentum would carry over from
+        # the item a slot held before; it also halves the optimiser's work on 10,000 x D keys
+        groups.append({"params": memory_params, "weight_decay": 0.0, "momentum": 0.0, "nesterov": False})
     opt = torch.optim.SGD(groups, lr=tc.lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=total_steps, pct_start=0.25)
+    no_momentum = [g["momentum"] == 0.0 for g in groups]  # OneCycleLR would otherwise cycle it in
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=tc.lr, total_steps=total_steps, pct_start=0.25,
+        base_momentum=[0.0 if z else 0.85 for z in no_momentum], max_momentum=[0.0 if z else 0.95 for z in no_momentum])
     return opt, sched
 
 

@@ -240,3 +240,26 @@ def test_teach_fills_empty_slots_first(kind):
     m = make(kind, capacity=3)
     rep = m.teach(torch.randn(2, 3), torch.tensor([0, 1]))
     assert rep.action.tolist() == [ADDED, ADDED] and rep.slot.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_and_update_accept_a_precomputed_similarity(kind):
+    a, b = make(kind, capacity=6), make(kind, capacity=6)
+    first = torch.randn(6, 3)
+    a.update(first, torch.tensor([0, 1, 2, 0, 1, 2]))
+    b.update(first, torch.tensor([0, 1, 2, 0, 1, 2]))
+    f, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 2])
+    sims = a.similarity(f)
+    assert torch.allclose(a.contrastive_loss(f, y, similarity=sims), b.contrastive_loss(f, y))
+    ra, rb = a.update(f, y, similarity=sims), b.update(f, y)
+    assert torch.equal(ra.slot, rb.slot) and torch.equal(a.labels, b.labels)
+
+
+def test_loss_matches_its_definition_on_a_hand_made_memory():
+    m = make("cached", capacity=3, dim=2, classes=2, temperature=0.5)
+    m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), torch.tensor([0, 1, 1]))
+    q = torch.tensor([[0.8, 0.6]])
+    sims = torch.tensor([0.8, 0.6, 0.96])
+    p = torch.softmax(sims / 0.5, -1)
+    expected = -torch.log(p[1] + p[2])  # mass on class-1 items
+    assert m.contrastive_loss(q, torch.tensor([1])).item() == pytest.approx(expected.item(), rel=1e-5)
