@@ -83,8 +83,8 @@ def service_table() -> str:
     b = res["bad_inputs"]
     rows += ["", f"Bad inputs: {b['tried']} cases, {b['as_expected']} answered with the expected status and a JSON "
                  f"body, **{b['5xx']} answered 5xx**; memory unchanged: {b['memory_unchanged']}; process alive: "
-                 f"{b['process_alive']}.", "", "| case | expected | got |", "|---|---|---|"]
-    rows += [f"| {c['case']} | {c['expected']} | {c['status']} |" for c in b["cases"]]
+                 f"{b['process_alive']}.", "", "| endpoint | case | expected | got |", "|---|---|---|---|"]
+    rows += [f"| {c.get('endpoint', '/predict')} | {c['case']} | {c['expected']} | {c['status']} |" for c in b["cases"]]
     return "\n".join(rows)
 
 

@@ -88,14 +88,17 @@ def main() -> None:
                     assert r.status_code == 200, r.text
                 results["feedback_ms"] = percentiles(flat)
 
-                from tests.corpus import BAD_PREDICT
+                from tests.corpus import BAD_FEEDBACK, BAD_PREDICT
 
                 mem_before = c.get("/memory").json()
                 cases = []
-                for name, kw, expected in BAD_PREDICT:
-                    r = c.post("/predict", **kw)
+                requests = [("/predict", *case) for case in BAD_PREDICT]
+                requests += [("/feedback", *case) for case in BAD_FEEDBACK]
+                for endpoint, name, kw, expected in requests:
+                    headers = {"Authorization": f"Bearer {TOKEN}"} if endpoint == "/feedback" else {}
+                    r = c.post(endpoint, headers=headers | kw.pop("headers", {}), **kw)
                     is_json = r.headers.get("content-type", "").startswith("application/json")
-                    cases.append({"case": name, "expected": expected, "status": r.status_code,
+                    cases.append({"endpoint": endpoint, "case": name, "expected": expected, "status": r.status_code,
                                   "json_error": is_json and ("error" in r.json() or r.status_code == 200)})
                 results["bad_inputs"] = {
                     "cases": cases, "tried": len(cases),

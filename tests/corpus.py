@@ -32,3 +32,19 @@ BAD_PREDICT = [
     ("zip file", dict(files={"file": ("a.png", zip_bytes(), "image/png")}), 422),
     ("too many files", dict(files=[("file", png(i)) for i in range(9)]), 413),
 ]
+
+
+# Bad /feedback requests (with a valid token): the memory must not change.
+BAD_FEEDBACK = [
+    ("empty label", dict(files={"file": png()}, data={"label": ""}), 422),
+    ("blank label", dict(files={"file": png()}, data={"label": "   "}), 422),
+    ("label index out of range", dict(files={"file": png()}, data={"label": "99"}), 422),
+    ("negative label index", dict(files={"file": png()}, data={"label": "-1"}), 422),
+    ("label too long", dict(files={"file": png()}, data={"label": "x" * 10_000}), 422),
+    ("label with control characters", dict(files={"file": png()}, data={"label": "a\x00b"}), 422),
+    ("missing label", dict(files={"file": png()}), 422),
+    ("misspelled label field", dict(files={"file": png()}, data={"lable": "Bag"}), 422),
+    ("missing file", dict(files={"other": png()}, data={"label": "Bag"}), 422),
+    ("label but not an image", dict(files={"file": ("a.png", b"junk", "image/png")}, data={"label": "Bag"}), 422),
+    ("json body", dict(json={"image_base64": "aGVsbG8=", "label": "Bag"}), 415),
+]

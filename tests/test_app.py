@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import ServiceConfig
-from tests.corpus import BAD_PREDICT
+from tests.corpus import BAD_FEEDBACK, BAD_PREDICT
 from tests.helpers import CLASSES, image_bytes, save_tiny_model
 
 TOKEN = "s3cret-token"
@@ -248,3 +248,12 @@ def test_inference_runs_off_the_event_loop(client, monkeypatch):
     gate.set()
     t.join(30)
     assert result["r"].status_code == 200
+
+
+@pytest.mark.parametrize("name,kw,status", BAD_FEEDBACK, ids=[b[0] for b in BAD_FEEDBACK])
+def test_bad_feedback_is_refused_and_changes_nothing(client, name, kw, status):
+    before = memory_state(client)
+    r = client.post("/feedback", headers=AUTH, **kw)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] and r.json()["detail"]
+    assert memory_state(client) == before
