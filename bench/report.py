@@ -1,6 +1,7 @@
 """Markdown tables from the JSON records in bench/results (reads files only, runs nothing).
 
-    .venv/bin/python bench/report.py
+    .venv/bin/python bench/report.py                               # print every table
+    .venv/bin/python bench/report.py --update BENCHMARKS.md README.md  # rewrite their marked sections
 """
 
 from __future__ import annotations
@@ -88,6 +89,42 @@ def service_table() -> str:
     return "\n".join(rows)
 
 
+def service_headline() -> str:
+    r, c = load("service_latency"), load("crash_recovery")
+    if r is None or c is None:
+        return "(service_latency or crash_recovery not run)"
+    res, cr = r["results"], c["results"]
+    b = res["bad_inputs"]
+    return "\n".join([
+        f"- Start to ready: **{res['start_to_ready_s']['median']:.2f} s** "
+        f"(median of {res['start_to_ready_s']['n']}).",
+        f"- `/predict`, one 28x28 PNG: p50 **{res['predict_ms']['p50']:.1f} ms**, "
+        f"p99 **{res['predict_ms']['p99']:.1f} ms**; "
+        f"`/feedback` (fsync before the answer): p50 **{res['feedback_ms']['p50']:.1f} ms**, "
+        f"p99 **{res['feedback_ms']['p99']:.1f} ms**.",
+        f"- Bad input: {b['tried']} cases, {b['as_expected']} answered as expected (a 4xx with a JSON error; "
+        f"the odd but valid 10000x1 image a 200), **{b['5xx']} 5xx**, memory unchanged.",
+        f"- kill -9 during a feedback stream, {len(cr['rounds'])} rounds: "
+        f"{cr['acknowledged']} acknowledged feedback, "
+        f"**{cr['lost']} lost**, {cr['duplicates']} applied twice.",
+    ])
+
+
+def crash_table() -> str:
+    r = load("crash_recovery")
+    if r is None:
+        return "(crash_recovery not run)"
+    res = r["results"]
+    rows = [f"{len(res['rounds'])} rounds, one state folder: **{res['acknowledged']} acknowledged feedback, "
+            f"{res['lost']} lost, {res['duplicates']} applied twice**.", "",
+            "| round | acknowledged | lost | journal records after restart | restart s |", "|---|---|---|---|---|"]
+    rows += [f"| {x['round']} | {x['acknowledged']} | {x['lost']} | {x['journal_records']} | "
+             f"{x['restart_seconds']:.2f} |" for x in res["rounds"]]
+    rows.append("\nJournal records can exceed the acknowledged count: a feedback journalled (and applied) "
+                "whose response the kill cut off is kept, never lost.")
+    return "\n".join(rows)
+
+
 def roundtrip_lines() -> str:
     out = []
     for name in ("fashion-mnist", "cifar10"):
@@ -99,10 +136,27 @@ def roundtrip_lines() -> str:
     return "\n".join(out) or "(store_roundtrip not run)"
 
 
+def update_file(path: Path, sections: dict) -> None:
+    """Replace the text between `<!-- begin:NAME -->` and `<!-- end:NAME -->` markers."""
+    text = path.read_text()
+    for name, make in sections.items():
+        begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
+        if begin in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            text = f"{head}{begin}\n{make()}\n{end}{tail}"
+    path.write_text(text)
+    print(f"updated {path}")
+
+
 if __name__ == "__main__":
     sections = {"training": training_table, "sweep-fashion-mnist": lambda: sweep_table("fashion-mnist"),
                 "sweep-cifar10": lambda: sweep_table("cifar10"), "overhead": overhead_table,
-                "service": service_table, "roundtrip": roundtrip_lines}
+                "service": service_table, "service-headline": service_headline, "crash": crash_table, "roundtrip": roundtrip_lines}
+    if sys.argv[1:2] == ["--update"]:
+        for f in sys.argv[2:]:
+            update_file(Path(f), sections)
+        sys.exit(0)
     wanted = sys.argv[1:] or list(sections)
     for k in wanted:
         print(f"<!-- {k} -->\n{sections[k]()}\n")
