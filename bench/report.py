@@ -152,7 +152,8 @@ def update_file(path: Path, sections: dict) -> None:
 if __name__ == "__main__":
     sections = {"training": training_table, "sweep-fashion-mnist": lambda: sweep_table("fashion-mnist"),
                 "sweep-cifar10": lambda: sweep_table("cifar10"), "overhead": overhead_table,
-                "service": service_table, "service-headline": service_headline, "crash": crash_table, "roundtrip": roundtrip_lines}
+                "service": service_table, "service-headline": service_headline, "crash": crash_table,
+                "roundtrip": roundtrip_lines}
     if sys.argv[1:2] == ["--update"]:
         for f in sys.argv[2:]:
             update_file(Path(f), sections)
