@@ -235,15 +235,18 @@ class Memory(nn.Module):
             action[rest[ok]] = REPLACED
 
         w = slot != EMPTY
-        if bool(w.any()):
-            self._write(slot[w], F.normalize(features[w], dim=-1), labels[w])
-            self.labels[slot[w]] = labels[w]
-            n = int(w.sum())
-            self.written_at[slot[w]] = self.writes + torch.arange(1, n + 1)
-            self.writes += n
-            self.replacements += int((action == REPLACED).sum())
+        self._commit(slot[w], features[w], labels[w], int((action == REPLACED).sum()))
         return UpdateReport(action, slot, previous)
 
+    def _commit(self, slots: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, replaced: int) -> None:
+        """Write distinct slots and keep the counters: the one place a slot changes."""
+        if not slots.numel():
+            return
+        self._write(slots, F.normalize(features, dim=-1), labels)
+        self.labels[slots] = labels
+        self.written_at[slots] = self.writes + torch.arange(1, slots.numel() + 1)
+        self.writes += slots.numel()
+        self.replacements += replaced
 
     @torch.no_grad()
     def teach(self, features: torch.Tensor, labels: torch.Tensor) -> UpdateReport:
@@ -280,12 +283,7 @@ class Memory(nn.Module):
             previous[i] = self.labels[target]
             action[i] = ADDED if int(previous[i]) == EMPTY else REPLACED
             slot[i] = target
-            t = torch.tensor([target])
-            self._write(t, F.normalize(f, dim=-1), y)
-            self.labels[t] = y
-            self.writes += 1
-            self.written_at[t] = self.writes.clone()
-            self.replacements += int(action[i] == REPLACED)
+            self._commit(torch.tensor([target]), f, y, int(action[i] == REPLACED))
         return UpdateReport(action, slot, previous)
 
 
