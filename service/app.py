@@ -40,7 +40,7 @@ from .settings import ServiceConfig
 log = logging.getLogger("service.app")
 ROUTES = {"/predict", "/feedback", "/memory", "/memory/snapshot", "/metrics", "/healthz", "/readyz",
           "/docs", "/openapi.json"}
-ERRORS = {s: {"model": ErrorBody} for s in (401, 403, 413, 415, 422, 503, 507)}
+ERRORS = {s: {"model": ErrorBody} for s in (401, 403, 408, 413, 415, 422, 503, 507)}
 
 
 class ApiError(Exception):
@@ -56,12 +56,18 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
 class LimitsAndMetrics:
     """Pure ASGI middleware: refuses bodies over the limit (413, by Content-Length or while
-    streaming) and counts every request by endpoint and status."""
+    streaming) and bodies that trickle in slower than `body_timeout` seconds per chunk (408:
+    a slow upload must not hold a connection forever), and counts every request by endpoint
+    and status."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+    def __init__(self, app, max_body: int, metrics: Metrics, body_timeout: float = 30.0):
+        self.app, self.max_body, self.metrics, self.body_timeout = app, max_body, metrics, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -88,7 +94,10 @@ class LimitsAndMetrics:
 
                 async def receive_limited():
                     nonlocal received
-                    message = await receive()
+                    try:
+                        message = await asyncio.wait_for(receive(), self.body_timeout)
+                    except asyncio.TimeoutError:
+                        raise BodyTimeout() from None
                     received += len(message.get("body", b""))
                     if received > self.max_body:
                         raise BodyTooLarge()
@@ -99,6 +108,10 @@ class LimitsAndMetrics:
                 except BodyTooLarge:
                     if not status["started"]:
                         await refuse()
+                except BodyTimeout:
+                    if not status["started"]:
+                        await error_response(408, "body_timeout", "the request body arrived too slowly")(
+                            scope, receive, send_wrapper)
         finally:
             self.metrics.requests.labels(endpoint, scope["method"], str(status["code"])).inc()
             self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -153,8 +166,9 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
                   description="Predicts image classes through a feature memory or the network head; "
                               "labelled feedback updates the memory online.")
     app.state.service = state
-    app.add_middleware(LimitsAndMetrics, max_body=(config or ServiceConfig.from_env()).max_upload_bytes,
-                       metrics=state.metrics)
+    limits = config or ServiceConfig.from_env()
+    app.add_middleware(LimitsAndMetrics, max_body=limits.max_upload_bytes, metrics=state.metrics,
+                       body_timeout=limits.body_timeout)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -163,6 +177,10 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request: Request, exc: BodyTooLarge):
         return error_response(413, "body_too_large", "request body exceeds the upload limit")
+
+    @app.exception_handler(BodyTimeout)
+    async def _too_slow(request: Request, exc: BodyTimeout):
+        return error_response(408, "body_timeout", "the request body arrived too slowly", {"Connection": "close"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -277,7 +295,7 @@ async def read_images(request: Request, cfg: ServiceConfig, allow_json: bool, la
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=cfg.max_files, max_fields=8, max_part_size=cfg.max_upload_bytes)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTimeout):
             raise
         except StarletteHTTPException as e:
             status = 413 if "Too many files" in str(e.detail) else 422

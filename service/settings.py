@@ -25,6 +25,8 @@ class ServiceConfig:
     """MAX_PIXELS: largest decoded image, width x height (413 above)."""
     max_files: int = 64
     """MAX_FILES: most images in one request."""
+    body_timeout: float = 30.0
+    """BODY_TIMEOUT: seconds the server waits for the next chunk of a request body (408 after)."""
     snapshot_interval: float = 300.0
     """SNAPSHOT_INTERVAL: seconds between periodic memory snapshots (0 = only on demand and shutdown)."""
     top_k: int = 5
@@ -33,6 +35,8 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1 or self.max_pixels < 1 or self.max_files < 1:
             raise ValueError("MAX_UPLOAD_BYTES, MAX_PIXELS and MAX_FILES must be >= 1")
+        if self.body_timeout <= 0:
+            raise ValueError(f"BODY_TIMEOUT must be > 0, got {self.body_timeout}")
         if self.confidence_threshold is not None and not 0 <= self.confidence_threshold <= 1:
             raise ValueError(f"CONFIDENCE_THRESHOLD must be in [0, 1], got {self.confidence_threshold}")
         if self.api_token == "":

@@ -142,3 +142,21 @@ def test_model_name_outside_the_store_is_refused_at_start(tmp_path):
     r = subprocess.run([sys.executable, "-m", "service", "serve", "--port", str(free_port())], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid model name" in r.stderr
+
+
+def test_slow_upload_is_timed_out_and_the_server_keeps_serving(server, images):
+    import socket
+
+    s = server(BODY_TIMEOUT="1")
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=15)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 100000\r\n\r\n--b\r\n")  # then nothing more: a slowloris body
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+    assert predict(s.url, images[0][0])["label"]  # still serving
