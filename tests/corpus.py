@@ -2,7 +2,7 @@
 the app and by bench/service_latency.py against a live server (limits: 200 kB body,
 1 Mpx, 8 files)."""
 
-from tests.helpers import bomb_png, image_bytes, zip_bytes
+from tests.helpers import animated_gif, bomb_png, exif_rotated_jpeg, image_bytes, multipage_tiff, polyglot, zip_bytes
 
 
 def png(seed=0, **kw):
@@ -30,6 +30,16 @@ BAD_PREDICT = [
     ("svg named png", dict(files={"file": ("a.png", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/png")}), 422),
     ("html named jpg", dict(files={"file": ("a.jpg", b"<html><body>hi</body></html>", "image/jpeg")}), 422),
     ("zip file", dict(files={"file": ("a.png", zip_bytes(), "image/png")}), 422),
+    ("1x1 image", dict(files={"file": ("a.png", image_bytes(size=(1, 1)), "image/png")}), 200),
+    ("16-bit png", dict(files={"file": ("a.png", image_bytes(mode="I;16"), "image/png")}), 200),
+    ("cmyk jpeg", dict(files={"file": ("a.jpg", image_bytes("JPEG", mode="CMYK"), "image/jpeg")}), 200),
+    ("animated gif", dict(files={"file": ("a.gif", animated_gif(), "image/gif")}), 200),
+    ("multi-page tiff", dict(files={"file": ("a.tif", multipage_tiff(), "image/tiff")}), 200),
+    ("exif-rotated jpeg", dict(files={"file": ("a.jpg", exif_rotated_jpeg(), "image/jpeg")}), 200),
+    ("png+zip polyglot", dict(files={"file": ("a.png", polyglot(), "image/png")}), 200),
+    ("text named png", dict(files={"file": ("a.png", b"just some text\n" * 10, "image/png")}), 422),
+    ("body far over limit", dict(files={"file": ("a.png", b"\0" * 5_000_000, "image/png")}), 413),
+    ("1000 files", dict(files=[("file", ("x.png", b"\x89PNG", "image/png")) for _ in range(1000)]), 413),
     ("too many files", dict(files=[("file", png(i)) for i in range(9)]), 413),
 ]
 

@@ -59,3 +59,31 @@ def zip_bytes() -> bytes:
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("a.png", image_bytes())
     return buf.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("L", (28, 28), c) for c in (0, 128, 255)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buf.getvalue()
+
+
+def multipage_tiff() -> bytes:
+    frames = [Image.new("RGB", (28, 28), (c, c, c)) for c in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg() -> bytes:
+    im = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1)), "L").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def polyglot() -> bytes:
+    """A valid PNG with a ZIP archive appended (readable as both)."""
+    return image_bytes() + zip_bytes()

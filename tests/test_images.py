@@ -1,0 +1,60 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.images import ImageError, ImageLimits, decode_image
+from service.store import InputSpec
+from tests.helpers import animated_gif, bomb_png, exif_rotated_jpeg, image_bytes
+
+GREY = InputSpec(image_size=28, in_chans=1, mean=[0.0], std=[1.0])
+RGB = InputSpec(image_size=28, in_chans=3, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+
+
+def png_of(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_grey_png_round_trips_to_the_same_pixels():
+    arr = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    x = decode_image(png_of(arr), GREY, ImageLimits())
+    assert x.shape == (1, 28, 28)
+    assert torch.allclose(x[0], torch.from_numpy(arr).float() / 255)
+
+
+def test_exif_orientation_is_applied():
+    x = decode_image(exif_rotated_jpeg(), GREY, ImageLimits())  # a horizontal ramp, rotated 90 degrees
+    col_change = (x[0, -1, :] - x[0, 0, :]).abs().mean()
+    row_change = (x[0, :, -1] - x[0, :, 0]).abs().mean()
+    assert row_change < col_change  # the ramp now runs down the image
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    arr = (np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 80)
+    x = decode_image(png_of(arr), GREY, ImageLimits())
+    assert x.min() == 0 and x.max() == 1 and x.unique().numel() > 200
+
+
+def test_transparent_pixels_become_black_and_grey_becomes_rgb():
+    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # white but fully transparent
+    x = decode_image(png_of(rgba), RGB, ImageLimits())
+    assert x.shape == (3, 28, 28) and x.max() == 0
+    assert decode_image(image_bytes(), RGB, ImageLimits()).shape == (3, 28, 28)
+
+
+def test_animated_gif_gives_its_first_frame():
+    x = decode_image(animated_gif(), GREY, ImageLimits())
+    assert x.max() == 0  # frame 1 is black; later frames are grey and white
+
+
+@pytest.mark.parametrize("data,status", [(b"", 422), (b"not an image", 422), (bomb_png(), 413),
+                                         (image_bytes()[:50], 422)])
+def test_refusals_carry_a_status(data, status):
+    with pytest.raises(ImageError) as e:
+        decode_image(data, GREY, ImageLimits(max_pixels=1_000_000))
+    assert e.value.status == status
