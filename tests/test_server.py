@@ -160,3 +160,32 @@ def test_slow_upload_is_timed_out_and_the_server_keeps_serving(server, images):
     sock.close()
     assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
     assert predict(s.url, images[0][0])["label"]  # still serving
+
+
+def test_sigterm_finishes_the_request_in_flight(server, images):
+    import socket
+
+    s = server()
+    png = images[3][0]
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--b--\r\n")
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+    time.sleep(0.5)
+    s.proc.send_signal(signal.SIGTERM)  # the request is half received
+    time.sleep(0.5)
+    sock.sendall(body[100:])
+    reply = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+        if b"\r\n\r\n" in reply and reply.rstrip().endswith(b"}"):
+            break
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert b'"predictions"' in reply
+    assert s.proc.wait(60) in (0, -signal.SIGTERM)
+    assert list(s.state_dir.rglob("snapshot-*.json"))  # and the shutdown snapshot was written
