@@ -7,7 +7,7 @@ CIFAR_ZIP ?= ../shared/data/cifar10-jpeg.zip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install data serve test train-fashion-mnist train-cifar10 models bench lint clean
+.PHONY: install data serve test soak reliability train-fashion-mnist train-cifar10 models bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ serve: install
 
 test: install data
 	$(PY) -m pytest tests
+
+# The long runs of the reliability tests (CI runs the short ones inside `make test`)
+SOAK_SECONDS ?= 600
+soak: install data
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.json $(PY) -m pytest tests/test_soak.py -q -s
+
+reliability: install data soak
+	$(PY) bench/crash_recovery.py --rounds 10
 
 # The committed models, made by the project's own training command (README: results)
 train-fashion-mnist: install data
