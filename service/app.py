@@ -215,11 +215,11 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
 
     image_body = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
         "application/json": {"schema": PredictJSON.model_json_schema()}}}}
     feedback_body = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file", "label"], "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
             "label": {"type": "string", "description": "class name or index; a new name teaches a new class"}}}}}}}
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=image_body)
