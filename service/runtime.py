@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import unicodedata
@@ -98,7 +99,7 @@ class ModelRuntime:
             raise LabelError("label contains control or unprintable characters")
         if text in self.classes:
             return self.classes.index(text), text, False
-        if text.lstrip("-").isdigit():
+        if re.fullmatch(r"-?[0-9]+", text):  # str.isdigit() also accepts "³" and other digits int() refuses
             i = int(text)
             if not 0 <= i < len(self.classes):
                 raise LabelError(f"label index {i} is out of range [0, {len(self.classes)})")

@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 
@@ -20,3 +22,19 @@ def tiny_model(tiny_config):
         torch.manual_seed(0)
         return EnhancedClassifier(tiny_config(memory, **kw)).eval()
     return make
+
+
+@pytest.fixture(scope="session")
+def images():
+    """The first 200 Fashion-MNIST test images as PNG bytes, with their class names."""
+    from PIL import Image
+
+    from service.data import load_fashion_mnist
+
+    ds = load_fashion_mnist()
+    out = []
+    for i in range(200):
+        buf = io.BytesIO()
+        Image.fromarray(ds.test.images[i, 0].numpy()).save(buf, format="PNG")
+        out.append((buf.getvalue(), ds.classes[int(ds.test.labels[i])]))
+    return out

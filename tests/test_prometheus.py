@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.live import ROOT, Server, free_port
-from tests.test_server import AUTH, TOKEN, images, predict  # noqa: F401  (fixture)
+from tests.test_server import AUTH, TOKEN, predict
 
 
 def tool(name):
@@ -19,7 +19,7 @@ def tool(name):
     return path
 
 
-def test_promtool_accepts_the_metrics(tmp_path, images):  # noqa: F811
+def test_promtool_accepts_the_metrics(tmp_path, images):
     s = Server(tmp_path, TOKEN).start()
     try:
         predict(s.url, images[0][0])
@@ -30,7 +30,7 @@ def test_promtool_accepts_the_metrics(tmp_path, images):  # noqa: F811
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_prometheus_scrapes_path_usage_and_latency(tmp_path, images):  # noqa: F811
+def test_prometheus_scrapes_path_usage_and_latency(tmp_path, images):
     s = Server(tmp_path / "state", TOKEN).start()
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())  # the repo's file, made fast
     config["global"]["scrape_interval"] = "1s"

@@ -73,6 +73,12 @@ def test_bad_labels_raise_label_error(make_runtime, label):
         rt.feedback(feats(rt, 1), label)
 
 
+def test_unicode_digits_are_names_not_indices(make_runtime):
+    rt = make_runtime()  # found by schemathesis: "³".isdigit() is True but int("³") fails
+    out = rt.feedback(feats(rt, 1), "³")
+    assert out[0].label == "³" and rt.classes[-1] == "³"
+
+
 def test_path_like_and_unicode_labels_are_only_names(make_runtime, tmp_path):
     rt = make_runtime()
     rt.feedback(feats(rt, 1), "../../etc")

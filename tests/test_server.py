@@ -15,22 +15,10 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.data import load_fashion_mnist
 from tests.live import ROOT, Server, free_port
 
 TOKEN = "server-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def images():
-    ds = load_fashion_mnist()
-    out = []
-    for i in range(200):
-        buf = io.BytesIO()
-        Image.fromarray(ds.test.images[i, 0].numpy()).save(buf, format="PNG")
-        out.append((buf.getvalue(), ds.classes[int(ds.test.labels[i])]))
-    return out
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from service.runtime import ModelRuntime
 from tests.live import ROOT, Server
-from tests.test_server import TOKEN, images  # noqa: F401  (fixture)
+from tests.test_server import TOKEN
 
 CLIENTS = 32
 NEW_CLASSES = ["Hat", "Scarf", "Glove", "Umbrella", "Belt"]
@@ -32,13 +32,13 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def client_loop(url, auth, images, deadline, seed, stats, lock):
+def client_loop(url, auth, pngs, deadline, seed, stats, lock):
     rng = random.Random(seed)
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot"] + NEW_CLASSES
     with httpx.Client(base_url=url, timeout=60) as c:
         while time.monotonic() < deadline:
-            data = images[rng.randrange(len(images))][0]
+            data = pngs[rng.randrange(len(pngs))][0]
             try:
                 if rng.random() < 0.9:
                     r = c.post("/predict", files={"file": ("x.png", data, "image/png")})
@@ -61,7 +61,7 @@ def client_loop(url, auth, images, deadline, seed, stats, lock):
                 stats["status"][r.status_code] = stats["status"].get(r.status_code, 0) + 1
 
 
-def test_soak_mixed_load(tmp_path, images):  # noqa: F811
+def test_soak_mixed_load(tmp_path, images):
     seconds = float(os.environ.get("SOAK_SECONDS", "60"))
     s = Server(tmp_path / "state", TOKEN, SNAPSHOT_INTERVAL="20").start()
     stats = {"requests": 0, "by_kind": {}, "status": {}, "connection_errors": [], "acked_labels": set()}
