@@ -41,6 +41,7 @@ soak: install data
 
 reliability: install data soak
 	$(PY) bench/crash_recovery.py --rounds 10
+	FUZZ_EXAMPLES=200 FUZZ_REPORT=bench/results/fuzz.json $(PY) -m pytest tests/test_fuzz.py -q -s
 
 # The committed models, made by the project's own training command (README: results)
 train-fashion-mnist: install data

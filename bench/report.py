@@ -125,6 +125,34 @@ def crash_table() -> str:
     return "\n".join(rows)
 
 
+def reliability_table() -> str:
+    soak, crash, fuzz, svc = load("soak"), load("crash_recovery"), load("fuzz"), load("service_latency")
+    rows = ["| check | figure | goal |", "|---|---|---|"]
+    if soak:
+        st = soak
+        errors = sum(v for k, v in st["status"].items() if int(k) >= 500)
+        rows.append(f"| soak: {st['clients']} clients, {st['seconds']:.0f} s, 90% /predict 10% /feedback | "
+                    f"{st['requests']} requests ({st['by_kind'].get('predict', 0)} predict, "
+                    f"{st['by_kind'].get('feedback', 0)} feedback), **{errors} 5xx, {st['connection_errors']} "
+                    f"connection errors** | 0 |")
+        rows.append(f"| soak: resident memory, first -> last quarter | {st['rss_first_quarter_mb']:.0f} -> "
+                    f"{st['rss_last_quarter_mb']:.0f} MB (**{100 * st['rss_growth']:+.1f}%**) | < 10% |")
+    if crash:
+        c = crash["results"]
+        rows.append(f"| kill -9 during feedback, restart | {len(c['rounds'])} rounds, "
+                    f"{c['acknowledged']} acknowledged, **{c['lost']} lost**, {c['duplicates']} twice | 0 lost |")
+    if fuzz:
+        f = fuzz
+        rows.append(f"| schemathesis from /openapi.json, real server | {f['cases']} cases over {f['operations']} "
+                    f"operations, **{f['server_errors']} 5xx**, {f['failures']} schema violations | 0 |")
+    if svc:
+        b = svc["results"]["bad_inputs"]
+        wrong = b["tried"] - b["as_expected"]
+        rows.append(f"| hostile uploads and labels (tests/corpus.py) | {b['tried']} tried, **{wrong} answered "
+                    f"wrongly**, {b['5xx']} 5xx, memory unchanged: {b['memory_unchanged']} | 0 |")
+    return "\n".join(rows)
+
+
 def roundtrip_lines() -> str:
     out = []
     for name in ("fashion-mnist", "cifar10"):
@@ -153,7 +181,7 @@ if __name__ == "__main__":
     sections = {"training": training_table, "sweep-fashion-mnist": lambda: sweep_table("fashion-mnist"),
                 "sweep-cifar10": lambda: sweep_table("cifar10"), "overhead": overhead_table,
                 "service": service_table, "service-headline": service_headline, "crash": crash_table,
-                "roundtrip": roundtrip_lines}
+                "roundtrip": roundtrip_lines, "reliability": reliability_table}
     if sys.argv[1:2] == ["--update"]:
         for f in sys.argv[2:]:
             update_file(Path(f), sections)

@@ -2,7 +2,8 @@
 the app and by bench/service_latency.py against a live server (limits: 200 kB body,
 1 Mpx, 8 files)."""
 
-from tests.helpers import animated_gif, bomb_png, exif_rotated_jpeg, image_bytes, multipage_tiff, polyglot, zip_bytes
+from tests.helpers import (animated_gif, bomb_png, exif_rotated_jpeg, image_bytes, multipage_tiff, nan_tiff, polyglot,
+                           zip_bytes)
 
 
 def png(seed=0, **kw):
@@ -37,6 +38,7 @@ BAD_PREDICT = [
     ("multi-page tiff", dict(files={"file": ("a.tif", multipage_tiff(), "image/tiff")}), 200),
     ("exif-rotated jpeg", dict(files={"file": ("a.jpg", exif_rotated_jpeg(), "image/jpeg")}), 200),
     ("png+zip polyglot", dict(files={"file": ("a.png", polyglot(), "image/png")}), 200),
+    ("NaN float tiff", dict(files={"file": ("a.tif", nan_tiff(), "image/tiff")}), 200),
     ("text named png", dict(files={"file": ("a.png", b"just some text\n" * 10, "image/png")}), 422),
     ("body far over limit", dict(files={"file": ("a.png", b"\0" * 5_000_000, "image/png")}), 413),
     ("1000 files", dict(files=[("file", ("x.png", b"\x89PNG", "image/png")) for _ in range(1000)]), 413),
@@ -57,4 +59,5 @@ BAD_FEEDBACK = [
     ("missing file", dict(files={"other": png()}, data={"label": "Bag"}), 422),
     ("label but not an image", dict(files={"file": ("a.png", b"junk", "image/png")}, data={"label": "Bag"}), 422),
     ("json body", dict(json={"image_base64": "aGVsbG8=", "label": "Bag"}), 415),
+    ("two labels", dict(files={"file": png()}, data={"label": ["Bag", "Coat"]}), 422),
 ]

@@ -87,3 +87,12 @@ def exif_rotated_jpeg() -> bytes:
 def polyglot() -> bytes:
     """A valid PNG with a ZIP archive appended (readable as both)."""
     return image_bytes() + zip_bytes()
+
+
+def nan_tiff() -> bytes:
+    """A 32-bit float TIFF full of NaN and infinities."""
+    arr = np.full((28, 28), np.nan, dtype=np.float32)
+    arr[0, 0], arr[1, 1] = np.inf, -np.inf
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="TIFF")
+    return buf.getvalue()

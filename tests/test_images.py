@@ -7,7 +7,7 @@ from PIL import Image
 
 from service.images import ImageError, ImageLimits, decode_image
 from service.store import InputSpec
-from tests.helpers import animated_gif, bomb_png, exif_rotated_jpeg, image_bytes
+from tests.helpers import animated_gif, bomb_png, exif_rotated_jpeg, image_bytes, nan_tiff
 
 GREY = InputSpec(image_size=28, in_chans=1, mean=[0.0], std=[1.0])
 RGB = InputSpec(image_size=28, in_chans=3, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
@@ -58,3 +58,8 @@ def test_refusals_carry_a_status(data, status):
     with pytest.raises(ImageError) as e:
         decode_image(data, GREY, ImageLimits(max_pixels=1_000_000))
     assert e.value.status == status
+
+
+def test_nan_and_infinite_pixels_give_finite_input():
+    x = decode_image(nan_tiff(), GREY, ImageLimits())
+    assert torch.isfinite(x).all()

@@ -77,14 +77,16 @@ def test_unicode_digits_are_names_not_indices(make_runtime):
     rt = make_runtime()  # found by schemathesis: "³".isdigit() is True but int("³") fails
     out = rt.feedback(feats(rt, 1), "³")
     assert out[0].label == "³" and rt.classes[-1] == "³"
+    rt.feedback(feats(rt, 2), "Ünïcødé ✓")
+    assert rt.classes[-1] == "Ünïcødé ✓"
 
 
 def test_path_like_and_unicode_labels_are_only_names(make_runtime, tmp_path):
     rt = make_runtime()
     rt.feedback(feats(rt, 1), "../../etc")
-    rt.feedback(feats(rt, 2), "Ünïcødé ✓")
-    assert rt.classes[-2:] == ["../../etc", "Ünïcødé ✓"]
+    rt.feedback(feats(rt, 3), "x'; DROP TABLE memory;--")  # label space 6: two new classes fit
+    assert rt.classes[-2:] == ["../../etc", "x'; DROP TABLE memory;--"]
     assert not (tmp_path / "etc").exists()
     rt.snapshot()
     rt.close()
-    assert make_runtime().classes[-2:] == ["../../etc", "Ünïcødé ✓"]
+    assert make_runtime().classes[-2:] == ["../../etc", "x'; DROP TABLE memory;--"]
