@@ -176,6 +176,8 @@ class ModelRuntime:
 
     def _load_snapshot(self, meta_path: Path) -> int:
         meta = json.loads(meta_path.read_text())
+        if meta["file"] != meta_path.name.replace(".json", ".safetensors"):  # a sidecar names only its twin
+            raise ValueError(f"sidecar names {meta['file']!r}")
         data = (self.state_dir / meta["file"]).read_bytes()
         if sha256_bytes(data) != meta["sha256"]:
             raise ValueError("sha256 mismatch")
