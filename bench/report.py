@@ -38,9 +38,10 @@ def training_table() -> str:
                 f"{s['memory_path_ms']:.2f} / {s['network_path_ms']:.2f} ms = {ratio:.2f}x")
             usage = "-" if kind == "none" else pct(f["memory_usage"])
             mem_acc = "-" if kind == "none" else pct(f["memory_path_accuracy"])
-            where = f"model_store/{ds}" if suffix == "" else f"runs/store/{ds}{suffix}"
+            where = (f"`model_store/{ds}`" if suffix == "" else
+                     f"comparison, not kept: `bench/train_models.sh {ds}{suffix}`")
             rows.append(f"| {label} | {kind} | **{pct(f['test_accuracy'])}** | {pct(f['test_head_accuracy'])} | "
-                        f"{usage} | {mem_acc} | {timing} | {len(r['history'])} | `{where}` |")
+                        f"{usage} | {mem_acc} | {timing} | {len(r['history'])} | {where} |")
     return "\n".join(rows)
 
 
@@ -102,8 +103,9 @@ def service_headline() -> str:
         f"p99 **{res['predict_ms']['p99']:.1f} ms**; "
         f"`/feedback` (fsync before the answer): p50 **{res['feedback_ms']['p50']:.1f} ms**, "
         f"p99 **{res['feedback_ms']['p99']:.1f} ms**.",
-        f"- Bad input: {b['tried']} cases, {b['as_expected']} answered as expected (a 4xx with a JSON error; "
-        f"the odd but valid 10000x1 image a 200), **{b['5xx']} 5xx**, memory unchanged.",
+        f"- Bad input: {b['tried']} cases, {b['as_expected']} answered as expected (the refused ones a 4xx with a "
+        f"JSON error, the {sum(c_['expected'] == 200 for c_ in b['cases'])} odd but valid images a 200), "
+        f"**{b['5xx']} 5xx**, memory unchanged.",
         f"- kill -9 during a feedback stream, {len(cr['rounds'])} rounds: "
         f"{cr['acknowledged']} acknowledged feedback, "
         f"**{cr['lost']} lost**, {cr['duplicates']} applied twice.",
