@@ -25,3 +25,13 @@ case $ONLY in all|fashion-mnist-none) run fashion-mnist-none runs/store "${FM[@]
 case $ONLY in all|fashion-mnist-trainable) run fashion-mnist-trainable runs/store "${FM[@]}" --memory trainable ;; esac
 case $ONLY in all|cifar10-trainable) run cifar10-trainable runs/store "${C10[@]}" --memory trainable ;; esac
 case $ONLY in all|cifar10-none) run cifar10-none runs/store "${C10[@]}" --memory none ;; esac
+# issue 6: models that never saw two classes, taught them later through /feedback
+case $ONLY in all|fashion-mnist-8) run fashion-mnist-8 runs/store "${FM[@]}" --memory cached --exclude-classes Sneaker Bag ;; esac
+case $ONLY in all|cifar10-8) run cifar10-8 runs/store "${C10[@]}" --memory cached --exclude-classes truck ship ;; esac
+# issue 4: early exit: the memory reads an earlier stage of poolnet (stage1, stage2) or the final features
+FMP=(--dataset fashion-mnist --backbone poolnet)
+for exit in stage1 stage2; do
+  case $ONLY in all|fashion-mnist-$exit) run fashion-mnist-$exit runs/store "${FMP[@]}" --memory cached --exit-stage $exit ;; esac
+  case $ONLY in all|cifar10-$exit) run cifar10-$exit runs/store "${C10[@]}" --memory cached --exit-stage $exit ;; esac
+done
+case $ONLY in all|fashion-mnist-poolnet) run fashion-mnist-poolnet runs/store "${FMP[@]}" --memory cached ;; esac

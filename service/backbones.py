@@ -1,7 +1,8 @@
 """Feature extractors by name: our small residual CNNs, or any `timm` model.
 
 `create_backbone(name, in_chans)` returns a module mapping (B, C, H, W) images to (B, D)
-features with `.num_features = D`. Names: the keys of BUILTIN, or `timm:<model>` for any
+features with `.num_features = D`. The built-in ones also expose `stage_list()` and `pool()`
+(forward = pool after every stage), so a memory can read an earlier stage (early exit). Names: the keys of BUILTIN, or `timm:<model>` for any
 model `timm.list_models()` knows. Pretrained weights only when asked (`pretrained=True`):
 nothing touches the network by default.
 """
@@ -46,9 +47,15 @@ class SmallResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = c
 
+    def stage_list(self) -> list[nn.Module]:
+        """The stages in order (the stem runs with the first): the places a memory can read from."""
+        return [nn.Sequential(self.stem, self.stages[0]), *self.stages[1:]]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))  # (B, 4w, H/4, W/4) -> (B, 4w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))  # (B, 4w, H/4, W/4)
-        return x.mean((2, 3))  # (B, 4w)
+        return self.pool(self.stages(self.stem(x)))  # (B, 4w)
 
 
 class ConvPoolBlock(nn.Module):
@@ -82,9 +89,15 @@ class PoolNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.num_features = c
 
+    def stage_list(self) -> list[nn.Module]:
+        """The stages in order (the stem runs with the first): the places a memory can read from."""
+        return [nn.Sequential(self.stem, self.blocks[0]), *self.blocks[1:]]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax((2, 3))  # (B, 256, H/8, W/8) -> (B, 256)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))  # (B, 256, H/8, W/8)
-        return x.amax((2, 3))  # (B, 256)
+        return self.pool(self.blocks(self.stem(x)))  # (B, 256)
 
 
 BUILTIN = {

@@ -1,12 +1,19 @@
 """EnhancedClassifier: backbone -> features -> (memory | linear head), routed by confidence.
 
-    images (B, C, H, W) -> backbone -> features (B, D)
-        features -> memory.retrieve -> memory label, confidence (B,)
-        confidence >= threshold ? memory label (memory path) : head(features) (network path)
+    images (B, C, H, W) -> backbone stages up to the exit -> hidden (B, C', H', W')
+        hidden -> keys (B, D): the pooled features (exit "final") or a small projection
+        keys -> memory.retrieve -> memory label, confidence (B,)
+        confidence >= threshold ? memory label (memory path: stops here)
+                                : rest of the backbone -> head (network path)
+
+With `exit_stage="final"` the memory reads the backbone's last features and both paths
+cost the whole backbone. With an earlier exit ("stage1", ...) the memory path skips the
+later stages: a batch splits, and only the samples the memory does not answer go on.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -45,6 +52,10 @@ class ClassifierConfig:
     """Softmax temperature of retrieval and of the contrastive loss."""
     top_k: int = 5
     """Memory neighbours that vote."""
+    exit_stage: str = "final"
+    """Backbone stage the memory reads: final (the pooled features) or stage1, stage2, ... (early exit)."""
+    exit_dim: int = 128
+    """Key size of the projection trained at an early exit (unused with exit_stage final)."""
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_KINDS:
@@ -57,6 +68,17 @@ class ClassifierConfig:
             raise ValueError(f"--confidence-threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        if self.exit_stage != "final" and not re.fullmatch(r"stage[1-9]", self.exit_stage):
+            raise ValueError(f"--exit-stage must be final or stage1, stage2, ..., got {self.exit_stage!r}")
+        if self.exit_stage != "final" and self.memory == "none":
+            raise ValueError("--exit-stage needs a memory (--memory cached or trainable)")
+        if self.exit_dim < 1:
+            raise ValueError(f"--exit-dim must be >= 1, got {self.exit_dim}")
+
+    @property
+    def exit_index(self) -> int | None:
+        """0-based index of the exit stage; None for final."""
+        return None if self.exit_stage == "final" else int(self.exit_stage[len("stage"):]) - 1
 
     def memory_config(self, feature_dim: int) -> MemoryConfig:
         return MemoryConfig(capacity=self.memory_size, feature_dim=feature_dim, num_classes=self.memory_classes,
@@ -75,7 +97,7 @@ class Prediction:
     class_scores: torch.Tensor  # (B, C_mem) memory vote on the memory path, head softmax otherwise
     slot: torch.Tensor  # (B,) nearest memory slot, EMPTY without one
     similarity: torch.Tensor  # (B,) its cosine similarity (0 without one)
-    timings_ms: dict[str, float] = field(default_factory=dict)  # per batch: features, memory, head
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per batch: features (up to the exit), memory, head (the rest)
 
     @property
     def paths(self) -> list[str]:
@@ -92,6 +114,21 @@ def route_by_confidence(memory: Retrieval, head_probs: torch.Tensor, threshold: 
     return labels, confidence, used_memory
 
 
+class ExitProjection(nn.Module):
+    """Memory keys from an intermediate feature map: a 4x4 average pool keeps coarse layout
+    (a global pool of early, low-level channels loses most of what tells classes apart),
+    then one linear layer, trained by the contrastive memory loss."""
+
+    def __init__(self, channels: int, dim: int, grid: int = 4):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(channels * grid * grid, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pooled = nn.functional.adaptive_avg_pool2d(h, self.grid)  # (B, C', g, g)
+        return self.proj(pooled.flatten(1))  # (B, D)
+
+
 class EnhancedClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
@@ -99,49 +136,95 @@ class EnhancedClassifier(nn.Module):
         self.backbone = create_backbone(config.backbone, config.in_chans, config.pretrained)
         self.feature_dim = self.backbone.num_features
         self.head = nn.Linear(self.feature_dim, config.num_classes)
+        self.exit_index = config.exit_index
+        self.exit_proj: ExitProjection | None = None
+        key_dim = self.feature_dim
+        if self.exit_index is not None:
+            stages = getattr(self.backbone, "stage_list", None)
+            n = len(stages()) if stages else 0
+            if not self.exit_index < n - 1:
+                raise ValueError(f"--exit-stage {config.exit_stage}: backbone {config.backbone} has "
+                                 f"{'no stages to exit from' if not n else f'exits stage1..stage{n - 1}'}")
+            with torch.no_grad():  # channels at the exit, from a dry run
+                probe = torch.zeros(1, config.in_chans, config.image_size, config.image_size)
+                for stage in stages()[:self.exit_index + 1]:
+                    probe = stage(probe)
+            self.exit_proj = ExitProjection(probe.shape[1], config.exit_dim)
+            key_dim = config.exit_dim
+        self.key_dim = key_dim
         self.memory: Memory | None = None
         if config.memory != "none":
-            mc = config.memory_config(self.feature_dim)
+            mc = config.memory_config(key_dim)
             self.memory = create_memory(config.memory, **asdict(mc))
 
+    def _split_stages(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        stages = self.backbone.stage_list()
+        return stages[:self.exit_index + 1], stages[self.exit_index + 1:]
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (memory keys (B, D), hidden): the backbone up to the exit only. `hidden` is
+        what `network_logits` continues from (the pooled features for exit final)."""
+        if self.exit_proj is None:
+            features = self.backbone(images)  # (B, D)
+            return features, features
+        h = images
+        for stage in self._split_stages()[0]:
+            h = stage(h)  # ends (B, C', H', W')
+        return self.exit_proj(h), h
+
+    def network_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rest of the backbone after the exit, then the head: (B, ...) -> (B, num_classes)."""
+        if self.exit_proj is None:
+            return self.head(hidden)
+        h = hidden
+        for stage in self._split_stages()[1]:
+            h = stage(h)
+        return self.head(self.backbone.pool(h))
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.backbone(images)  # (B, D)
-        logits = self.head(features)  # (B, num_classes)
-        return logits, features
+        """Training: (logits (B, num_classes), memory keys (B, D)); every sample runs everything."""
+        keys, hidden = self.embed(images)
+        return self.network_logits(hidden), keys
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, threshold: float | None = None) -> Prediction:
         """Route each image through memory or network; see the module docstring."""
         t0 = time.perf_counter()
-        features = self.backbone(images).float()  # (B, D)
-        p = self.route_features(features, threshold)
-        p.timings_ms["features"] = 1e3 * (time.perf_counter() - t0) - p.timings_ms["memory"] - p.timings_ms["head"]
+        keys, hidden = self.embed(images)
+        t1 = time.perf_counter()
+        r = self.retrieve(keys.float())
+        p = self.route(r, hidden, threshold)
+        p.timings_ms["features"] = 1e3 * (t1 - t0)
+        p.timings_ms["memory"] = 1e3 * (time.perf_counter() - t1) - p.timings_ms["head"]
         return p
 
     @torch.no_grad()
-    def route_features(self, features: torch.Tensor, threshold: float | None = None) -> Prediction:
-        """The part of `predict` after the backbone: memory lookup, then the head on the
-        samples the memory did not answer. The service holds its memory lock around this."""
-        threshold = self.config.confidence_threshold if threshold is None else threshold
-        B, C = features.shape[0], self.config.memory_classes
-        t1 = time.perf_counter()
+    def retrieve(self, keys: torch.Tensor) -> Retrieval:
+        """The memory's answer for (B, D) keys (an empty answer without memory). The service
+        holds its memory lock around this, and only this."""
+        B = keys.shape[0]
         if self.memory is not None and self.memory.size > 0:
-            r = self.memory.retrieve(features)
-        else:
-            r = Retrieval(labels=torch.full((B,), EMPTY), confidence=torch.zeros(B),
-                          slots=torch.full((B, 1), EMPTY), similarity=torch.full((B, 1), float("-inf")),
-                          class_scores=torch.zeros(B, C))
+            return self.memory.retrieve(keys)
+        return Retrieval(labels=torch.full((B,), EMPTY), confidence=torch.zeros(B),
+                         slots=torch.full((B, 1), EMPTY), similarity=torch.full((B, 1), float("-inf")),
+                         class_scores=torch.zeros(B, self.config.memory_classes))
+
+    @torch.no_grad()
+    def route(self, r: Retrieval, hidden: torch.Tensor, threshold: float | None = None) -> Prediction:
+        """Memory answer where confident; the rest of the network (one batched call) for the others."""
+        threshold = self.config.confidence_threshold if threshold is None else threshold
+        B, C = r.labels.shape[0], self.config.memory_classes
         t2 = time.perf_counter()
         used_memory = (r.confidence >= threshold) & (r.labels != EMPTY)  # (B,)
         probs = torch.zeros(B, C)
         net = (~used_memory).nonzero().squeeze(1)
         if net.numel():
-            head_logits = self.head(features[net]).float()  # (N, num_classes)
+            head_logits = self.network_logits(hidden[net]).float()  # (N, num_classes)
             probs[net, : self.config.num_classes] = torch.softmax(head_logits, -1)
         t3 = time.perf_counter()
         labels, confidence, used_memory = route_by_confidence(r, probs, threshold)
         scores = torch.where(used_memory.unsqueeze(-1), r.class_scores, probs)
         nearest_slot = r.slots[:, 0]
         similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], torch.zeros(B))
-        timings = {"features": 0.0, "memory": 1e3 * (t2 - t1), "head": 1e3 * (t3 - t2)}
+        timings = {"features": 0.0, "memory": 0.0, "head": 1e3 * (t3 - t2)}
         return Prediction(labels, confidence, used_memory, scores, nearest_slot, similarity, timings)

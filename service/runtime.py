@@ -116,15 +116,18 @@ class ModelRuntime:
     def predict(self, images: torch.Tensor) -> Served:
         """(B, C, H, W) normalised images -> routed predictions."""
         t0 = time.perf_counter()
-        features = self.model.backbone(images).float()  # (B, D), outside the lock
-        t_features = 1e3 * (time.perf_counter() - t0)
-        with self.lock:
-            p = self.model.route_features(features, self.threshold)
-            slots = p.slot.tolist()
+        keys, hidden = self.model.embed(images)  # outside the lock: (B, D), exit activations
+        t1 = time.perf_counter()
+        with self.lock:  # the memory read only; the rest of the network runs after it
+            r = self.model.retrieve(keys.float())
+            slots = r.slots[:, 0].tolist()
             fids = [int(self.slot_feedback[s]) if s != EMPTY and self.slot_feedback[s] != EMPTY else None
                     for s in slots]
             nearest = [self.classes[int(self.memory.labels[s])] if s != EMPTY else None for s in slots]
-        p.timings_ms["features"] = t_features
+        t2 = time.perf_counter()
+        p = self.model.route(r, hidden, self.threshold)
+        p.timings_ms["features"] = 1e3 * (t1 - t0)
+        p.timings_ms["memory"] = 1e3 * (t2 - t1)
         return Served(p, fids, nearest)
 
     def class_name(self, index: int) -> str:
@@ -133,7 +136,7 @@ class ModelRuntime:
     # --- feedback ------------------------------------------------------------------------------
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.backbone(images).float()  # (B, D)
+        return self.model.embed(images)[0].float()  # (B, D) memory keys
 
     def feedback(self, features: torch.Tensor, label: str, journal_timer=None) -> list[FeedbackOutcome]:
         """Journal (fsync) then apply. Raises LabelError (nothing changed) or JournalError

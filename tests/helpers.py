@@ -28,14 +28,14 @@ def image_bytes(fmt="PNG", size=(28, 28), mode="L", seed=0, **save_kw) -> bytes:
     return buf.getvalue()
 
 
-def save_tiny_model(store, name="tiny", memory="cached", memory_classes=6, prefill=8):
+def save_tiny_model(store, name="tiny", memory="cached", memory_classes=6, prefill=8, **config):
     torch.manual_seed(0)
     cfg = ClassifierConfig(num_classes=4, in_chans=1, image_size=28, memory=memory, memory_size=16,
-                           memory_classes=memory_classes, confidence_threshold=0.85)
+                           memory_classes=memory_classes, confidence_threshold=0.85, **config)
     model = EnhancedClassifier(cfg).eval()
     if model.memory is not None and prefill:
         with torch.no_grad():
-            model.memory.update(model.backbone(torch.randn(prefill, 1, 28, 28)), torch.arange(prefill) % 4)
+            model.memory.update(model.embed(torch.randn(prefill, 1, 28, 28))[0], torch.arange(prefill) % 4)
     save_model(store, name, model, CLASSES, InputSpec(28, 1, [0.5], [0.5]))
     return model
 

@@ -80,3 +80,66 @@ def test_threshold_override_sends_everything_to_the_network(tiny_model):
     with torch.no_grad():
         model.memory.update(model.backbone(x), torch.tensor([0, 1]))
     assert model.predict(x, threshold=1.01).paths == ["network", "network"]
+
+
+# --- early exit -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_stage_list_then_pool_is_the_backbone(name):
+    b = create_backbone(name, 1).eval()
+    x = torch.randn(2, 1, 28, 28)
+    h = x
+    for stage in b.stage_list():
+        h = stage(h)
+    assert torch.allclose(b.pool(h), b(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("memory", ["cached", "trainable"])
+@pytest.mark.parametrize("exit_stage", ["stage1", "stage2"])
+def test_early_exit_keys_train_and_route(tiny_model, memory, exit_stage):
+    model = tiny_model(memory, exit_stage=exit_stage, exit_dim=16)
+    x = torch.randn(6, 1, 28, 28)
+    logits, keys = model(x)
+    assert logits.shape == (6, 4) and keys.shape == (6, 16) and model.memory.keys.shape[1] == 16
+    with torch.no_grad():
+        model.memory.update(keys[:3], torch.tensor([0, 1, 2]))
+    _, keys = model(x)
+    model.memory.contrastive_loss(keys, torch.arange(6) % 4).backward()
+    assert model.exit_proj.proj.weight.grad.abs().sum() > 0  # the contrastive loss trains the projection
+    p = model.predict(x, threshold=0.9)
+    assert p.paths[:3] == ["memory"] * 3  # stored images exit early, with their stored labels
+    assert p.labels[:3].tolist() == [0, 1, 2]
+
+
+def test_early_exit_batch_split_matches_one_at_a_time(tiny_model):
+    """A batch splits into the two paths; each sample's answer is what it gets alone."""
+    model = tiny_model("cached", exit_stage="stage1", exit_dim=16)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        model.memory.update(model(x[::2])[1], torch.tensor([0, 1, 2, 3]))
+    batch = model.predict(x, threshold=0.9)
+    assert batch.paths == ["memory", "network"] * 4
+    for i in range(8):
+        one = model.predict(x[i:i + 1], threshold=0.9)
+        assert one.labels.item() == batch.labels[i].item() and one.paths[0] == batch.paths[i]
+        assert one.confidence.item() == pytest.approx(batch.confidence[i].item(), abs=1e-5)
+
+
+def test_network_path_after_an_early_exit_equals_the_full_network(tiny_model):
+    model = tiny_model("cached", exit_stage="stage1", exit_dim=16)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        p = model.predict(x)  # empty memory: every sample continues through the network
+        full = torch.softmax(model.head(model.backbone(x)), -1)
+    assert p.paths == ["network"] * 3
+    assert torch.allclose(p.class_scores[:, :4], full, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(exit_stage="middle"), "--exit-stage"),
+                                       (dict(exit_stage="stage3"), "--exit-stage stage3.*stage1..stage2"),
+                                       (dict(exit_stage="stage1", memory="none"), "--exit-stage needs a memory"),
+                                       (dict(exit_stage="stage1", backbone="timm:resnet10t", in_chans=3,
+                                             image_size=32), "no stages")])
+def test_bad_exit_stage_names_the_flag(tiny_model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model(**bad)

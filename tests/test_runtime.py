@@ -90,3 +90,13 @@ def test_path_like_and_unicode_labels_are_only_names(make_runtime, tmp_path):
     rt.snapshot()
     rt.close()
     assert make_runtime().classes[-2:] == ["../../etc", "x'; DROP TABLE memory;--"]
+
+
+def test_early_exit_model_serves_feedback_from_the_memory_path(tmp_path):
+    save_tiny_model(tmp_path / "store", exit_stage="stage1", exit_dim=16)
+    rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    rt.feedback(rt.features(x[:1]), "Novel")
+    served = rt.predict(x)
+    assert served.prediction.paths[0] == "memory" and rt.classes[served.prediction.labels[0]] == "Novel"
+    assert served.feedback_ids[0] == 1 and served.prediction.timings_ms["head"] >= 0

@@ -99,3 +99,16 @@ def test_no_pickle_in_the_package():
     for f in src.rglob("*.py"):
         text = f.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, f
+
+
+def test_early_exit_model_round_trips_with_its_exit_stage(tiny_model, tmp_path):
+    model = tiny_model("cached", exit_stage="stage2", exit_dim=8)
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        model.memory.update(model(x)[1], torch.tensor([0, 1, 2, 3, 0, 1]))
+    save_model(tmp_path, "ee", model, ["a", "b", "c", "d"], InputSpec(28, 1, [0.5], [0.5]))
+    manifest = json.loads((tmp_path / "ee" / "manifest.json").read_text())
+    assert manifest["classifier"]["exit_stage"] == "stage2"
+    loaded = load_model(tmp_path, "ee").model
+    a, b = model.predict(x, threshold=0.5), loaded.predict(x, threshold=0.5)
+    assert loaded.exit_index == 1 and torch.equal(a.labels, b.labels) and a.paths == b.paths
