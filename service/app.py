@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .batching import BatchConfig, DynamicBatcher
 from .images import ImageError, ImageLimits, decode_image
 from .journal import JournalError
 from .metrics import Metrics
@@ -121,12 +122,35 @@ class AppState:
     def __init__(self, config: ServiceConfig | None):
         self.config = config
         self.runtime: ModelRuntime | None = None
+        self.batcher: DynamicBatcher | None = None  # None: MAX_BATCH_SIZE 1, each request runs alone
         self.ready = False
         self.metrics = Metrics()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     async def on_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
+
+    def _observe_batch(self, size: int, waits: list[float]) -> None:
+        self.metrics.batch_size.observe(size)
+        for w in waits:
+            self.metrics.batch_queue.observe(w)
+
+    def start_batcher(self) -> None:
+        cfg = self.config
+        if cfg.max_batch_size > 1:
+            rt = self.runtime
+            self.batcher = DynamicBatcher(lambda x: self.on_model_thread(rt.predict, x),
+                                          BatchConfig(cfg.max_batch_size, cfg.max_batch_wait_ms), self._observe_batch)
+            self.batcher.start()
+
+    async def predict(self, images: torch.Tensor):
+        """Through the dynamic batcher, or straight to the model thread without one."""
+        if self.batcher is None:
+            served = await self.on_model_thread(self.runtime.predict, images)
+            self._observe_batch(len(images), [])
+            return served, len(images)
+        r = await self.batcher.submit(images)
+        return r.result.select(r.rows), r.batch_size
 
 
 def create_app(config: ServiceConfig | None = None) -> FastAPI:
@@ -144,6 +168,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         m.model_info.info({"name": rt.loaded.name, "version": rt.loaded.version,
                            "memory_kind": rt.model.config.memory, "threshold": str(rt.threshold)})
         _update_memory_gauges(state)
+        state.start_batcher()
         state.ready = True
         log.info("ready: model %s version %s, memory %s", rt.loaded.name, rt.loaded.version, rt.memory_info()["size"])
         task = asyncio.create_task(_periodic_snapshots(state)) if cfg.snapshot_interval > 0 else None
@@ -153,6 +178,8 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
             state.ready = False
             if task:
                 task.cancel()
+            if state.batcher is not None:
+                await state.batcher.stop()
             if rt.memory is not None:
                 try:
                     await state.on_model_thread(rt.snapshot)
@@ -227,8 +254,8 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         t0 = time.perf_counter()
         files = await read_images(request, state.config, allow_json=True)
         batch, decode_s = await decode_batch(files, rt, state.config)
-        served = await state.on_model_thread(rt.predict, batch)
-        return predict_response(rt, served, decode_s, time.perf_counter() - t0, state)
+        served, batch_size = await state.predict(batch)
+        return predict_response(rt, served, decode_s, time.perf_counter() - t0, state, batch_size)
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, openapi_extra=feedback_body,
               dependencies=[Depends(require_token)])
@@ -358,8 +385,8 @@ async def decode_batch(files: list[bytes], rt: ModelRuntime, cfg: ServiceConfig)
     return await run_in_threadpool(decode_all)
 
 
-def predict_response(rt: ModelRuntime, served, decode_s: list[float], total_s: float, state: AppState
-                     ) -> PredictResponse:
+def predict_response(rt: ModelRuntime, served, decode_s: list[float], total_s: float, state: AppState,
+                     batch_size: int) -> PredictResponse:
     p = served.prediction
     B = len(p.labels)
     known = len(rt.classes)
@@ -383,7 +410,7 @@ def predict_response(rt: ModelRuntime, served, decode_s: list[float], total_s: f
         m.predictions.labels(path, rt.class_name(label)).inc()
         m.stage_latency.labels("decode", path).observe(decode_s[i])
         for stage in ("features", "memory", "head"):
-            m.stage_latency.labels(stage, path).observe(p.timings_ms[stage] / 1e3 / B)
+            m.stage_latency.labels(stage, path).observe(p.timings_ms[stage] / 1e3 / batch_size)
     return PredictResponse(model=rt.loaded.name, model_version=rt.loaded.version, predictions=items)
 
 

@@ -2,9 +2,9 @@
 
 `create_backbone(name, in_chans)` returns a module mapping (B, C, H, W) images to (B, D)
 features with `.num_features = D`. The built-in ones also expose `stage_list()` and `pool()`
-(forward = pool after every stage), so a memory can read an earlier stage (early exit). Names: the keys of BUILTIN, or `timm:<model>` for any
-model `timm.list_models()` knows. Pretrained weights only when asked (`pretrained=True`):
-nothing touches the network by default.
+(forward = pool after every stage), so a memory can read an earlier stage (early exit).
+Names: the keys of BUILTIN, or `timm:<model>` for any model `timm.list_models()` knows.
+Pretrained weights only when asked (`pretrained=True`): nothing touches the network by default.
 """
 
 from __future__ import annotations

@@ -24,4 +24,8 @@ class Metrics:
         self.feedback = Counter("feedback", "Feedback images by outcome", ["outcome"], registry=r)
         self.journal_latency = Histogram("journal_write_duration_seconds", "Feedback journal append + fsync",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_queue = Histogram("batch_queue_duration_seconds", "Time a /predict request waited for its batch",
+                                     buckets=(0.0001, 0.00025, *LATENCY_BUCKETS), registry=r)
+        self.batch_size = Histogram("batch_size_images", "Images per model batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.model_info = Info("model", "The served model", registry=r)

@@ -97,11 +97,17 @@ class Prediction:
     class_scores: torch.Tensor  # (B, C_mem) memory vote on the memory path, head softmax otherwise
     slot: torch.Tensor  # (B,) nearest memory slot, EMPTY without one
     similarity: torch.Tensor  # (B,) its cosine similarity (0 without one)
-    timings_ms: dict[str, float] = field(default_factory=dict)  # per batch: features (up to the exit), memory, head (the rest)
+    # per batch: features (up to the exit), memory, head (the rest of the network and the head)
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
         return ["memory" if m else "network" for m in self.used_memory.tolist()]
+
+    def select(self, rows: slice) -> "Prediction":
+        """These rows of a batch's prediction (timings stay those of the whole batch)."""
+        return Prediction(self.labels[rows], self.confidence[rows], self.used_memory[rows], self.class_scores[rows],
+                          self.slot[rows], self.similarity[rows], dict(self.timings_ms))
 
 
 def route_by_confidence(memory: Retrieval, head_probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:

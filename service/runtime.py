@@ -65,6 +65,10 @@ class Served:
     feedback_ids: list[int | None] = field(default_factory=list)
     nearest_labels: list[str | None] = field(default_factory=list)
 
+    def select(self, rows: slice) -> "Served":
+        """One request's rows of a batch."""
+        return Served(self.prediction.select(rows), self.feedback_ids[rows], self.nearest_labels[rows])
+
 
 class ModelRuntime:
     def __init__(self, store: str | Path, name: str, state_dir: str | Path, threshold: float | None = None):

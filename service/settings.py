@@ -31,10 +31,16 @@ class ServiceConfig:
     """SNAPSHOT_INTERVAL: seconds between periodic memory snapshots (0 = only on demand and shutdown)."""
     top_k: int = 5
     """TOP_K: classes listed with scores in each prediction."""
+    max_batch_size: int = 32
+    """MAX_BATCH_SIZE: most images the dynamic batcher runs together (1 = no batching)."""
+    max_batch_wait_ms: float = 2.0
+    """MAX_BATCH_WAIT_MS: longest a /predict request waits for others to join its batch."""
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1 or self.max_pixels < 1 or self.max_files < 1:
             raise ValueError("MAX_UPLOAD_BYTES, MAX_PIXELS and MAX_FILES must be >= 1")
+        if self.max_batch_size < 1 or self.max_batch_wait_ms < 0:
+            raise ValueError("MAX_BATCH_SIZE must be >= 1 and MAX_BATCH_WAIT_MS >= 0")
         if self.body_timeout <= 0:
             raise ValueError(f"BODY_TIMEOUT must be > 0, got {self.body_timeout}")
         if self.confidence_threshold is not None and not 0 <= self.confidence_threshold <= 1:

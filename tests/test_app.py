@@ -257,3 +257,21 @@ def test_bad_feedback_is_refused_and_changes_nothing(client, name, kw, status):
     assert r.status_code == status, r.text
     assert r.json()["error"] and r.json()["detail"]
     assert memory_state(client) == before
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 32])
+def test_batched_and_unbatched_service_answer_alike_and_export_queue_time(make_client, max_batch_size):
+    client = make_client(max_batch_size=max_batch_size)
+    r = client.post("/predict", files=[("file", png(i)) for i in range(3)])
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+    fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    count = {s.name: s.value for s in fams["batch_queue_duration_seconds"].samples}
+    assert count["batch_queue_duration_seconds_count"] == (1 if max_batch_size > 1 else 0)
+    sizes = {s.name: s.value for s in fams["batch_size_images"].samples}
+    assert sizes["batch_size_images_sum"] == 3
+
+
+@pytest.mark.parametrize("bad", [dict(max_batch_size=0), dict(max_batch_wait_ms=-1.0)])
+def test_bad_batching_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="MAX_BATCH"):
+        ServiceConfig(**bad)
