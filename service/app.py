@@ -161,7 +161,8 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         cfg = state.config = state.config or ServiceConfig.from_env()
         state.runtime = rt = await state.on_model_thread(
-            ModelRuntime, cfg.model_store, cfg.model_name, cfg.state_dir, cfg.confidence_threshold)
+            ModelRuntime, cfg.model_store, cfg.model_name, cfg.state_dir, cfg.confidence_threshold,
+            cfg.memory_index, cfg.index_nprobe)
         spec = rt.loaded.input
         await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
         m = state.metrics

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .retrieval import IVFIndex, exact_topk
+
 EMPTY = -1
 EXACT_MATCH = 0.9999  # cosine similarity above which a stored item is the query itself
 
@@ -101,6 +103,7 @@ class Memory(nn.Module):
         self.register_buffer("written_at", torch.zeros(M, dtype=torch.int64))
         self.register_buffer("writes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("replacements", torch.zeros((), dtype=torch.int64))
+        self.index: IVFIndex | None = None  # optional approximate search; derived, never saved
 
     # --- what subclasses provide -------------------------------------------------------
     keys: torch.Tensor  # (M, D): a buffer (cached, stored unit-length) or a parameter (trainable)
@@ -146,11 +149,29 @@ class Memory(nn.Module):
         return sims if bool(filled.all()) else sims.masked_fill(~filled, float("-inf"))
 
     # --- retrieval -------------------------------------------------------------------------
+    def search(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most similar filled slots: (similarity (B, k), slot (B, k)), -inf where
+        fewer are filled. Exact and chunked (retrieval.exact_topk), or the attached index."""
+        q = F.normalize(features.float(), dim=-1)  # (B, D)
+        if self.index is not None:
+            return self.index.search(q, k)
+        filled = self.filled()
+        scale = None if self.keys_are_unit else self.keys.detach().norm(dim=-1).clamp_min(1e-12).reciprocal()
+        return exact_topk(q, self.keys.detach(), k, None if bool(filled.all()) else filled, scale)
+
+    @torch.no_grad()
+    def attach_index(self, nlist: int | None = None, nprobe: int = 16) -> IVFIndex:
+        """Search through a faiss IVF index from now on, kept in step with every write.
+        For serving: a trainable memory's keys also move by gradient steps, which the index
+        would not see, so attach it only to a memory that is no longer trained."""
+        keys = F.normalize(self.keys.detach().float(), dim=-1)
+        self.index = IVFIndex(keys, self.filled(), nlist=nlist, nprobe=nprobe)
+        return self.index
+
     def retrieve(self, features: torch.Tensor, k: int | None = None) -> Retrieval:
         """Nearest filled slots of each query and the neighbours' vote; see module docstring."""
         k = min(k or self.config.top_k, self.capacity)
-        sims = self.similarity(features)  # (B, M)
-        top_sim, top_slot = sims.topk(k, dim=-1)  # (B, k)
+        top_sim, top_slot = self.search(features, k)  # (B, k)
         valid = torch.isfinite(top_sim)  # (B, k) False where fewer than k slots are filled
         top_slot = top_slot.masked_fill(~valid, EMPTY)
 
@@ -242,7 +263,10 @@ class Memory(nn.Module):
         """Write distinct slots and keep the counters: the one place a slot changes."""
         if not slots.numel():
             return
-        self._write(slots, F.normalize(features, dim=-1), labels)
+        keys = F.normalize(features, dim=-1)
+        self._write(slots, keys, labels)
+        if self.index is not None:
+            self.index.update(slots, keys)
         self.labels[slots] = labels
         self.written_at[slots] = self.writes + torch.arange(1, slots.numel() + 1)
         self.writes += slots.numel()

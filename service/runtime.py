@@ -71,7 +71,8 @@ class Served:
 
 
 class ModelRuntime:
-    def __init__(self, store: str | Path, name: str, state_dir: str | Path, threshold: float | None = None):
+    def __init__(self, store: str | Path, name: str, state_dir: str | Path, threshold: float | None = None,
+                 index: str = "exact", nprobe: int = 16):
         self.loaded: LoadedModel = load_model(store, name)
         self.model = self.loaded.model.eval()
         self.memory = self.model.memory
@@ -85,6 +86,8 @@ class ModelRuntime:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.memory is not None:
             self._restore()
+            if index == "ivf":  # built from the restored memory, then kept in step by every write
+                self.memory.attach_index(nprobe=nprobe)
         self._dirty = False
 
     # --- names -----------------------------------------------------------------------------

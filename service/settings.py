@@ -31,6 +31,10 @@ class ServiceConfig:
     """SNAPSHOT_INTERVAL: seconds between periodic memory snapshots (0 = only on demand and shutdown)."""
     top_k: int = 5
     """TOP_K: classes listed with scores in each prediction."""
+    memory_index: str = "exact"
+    """MEMORY_INDEX: memory search, exact (chunked matrix product) or ivf (faiss IVF index, approximate)."""
+    index_nprobe: int = 16
+    """INDEX_NPROBE: IVF cells scanned per query (more: better recall, slower)."""
     max_batch_size: int = 32
     """MAX_BATCH_SIZE: most images the dynamic batcher runs together (1 = no batching)."""
     max_batch_wait_ms: float = 2.0
@@ -41,6 +45,10 @@ class ServiceConfig:
             raise ValueError("MAX_UPLOAD_BYTES, MAX_PIXELS and MAX_FILES must be >= 1")
         if self.max_batch_size < 1 or self.max_batch_wait_ms < 0:
             raise ValueError("MAX_BATCH_SIZE must be >= 1 and MAX_BATCH_WAIT_MS >= 0")
+        if self.memory_index not in ("exact", "ivf"):
+            raise ValueError(f"MEMORY_INDEX must be exact or ivf, got {self.memory_index!r}")
+        if self.index_nprobe < 1:
+            raise ValueError(f"INDEX_NPROBE must be >= 1, got {self.index_nprobe}")
         if self.body_timeout <= 0:
             raise ValueError(f"BODY_TIMEOUT must be > 0, got {self.body_timeout}")
         if self.confidence_threshold is not None and not 0 <= self.confidence_threshold <= 1:

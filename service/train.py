@@ -270,7 +270,8 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = Non
     opt, sched = make_optimizer(model, tc, tc.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(tc.seed)
     print(f"training {tc.name}: {ds.name} ({len(train_x)} train / {len(test_x)} test, {len(ds.classes)} classes), "
-          f"backbone {cc.backbone} (memory reads {cc.exit_stage}), memory {cc.memory} ({cc.memory_size}), {tc.epochs} epochs, "
+          f"backbone {cc.backbone} (memory reads {cc.exit_stage}), memory {cc.memory} ({cc.memory_size}), "
+          f"{tc.epochs} epochs, "
           f"batch {tc.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
 
     history = []

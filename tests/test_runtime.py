@@ -100,3 +100,14 @@ def test_early_exit_model_serves_feedback_from_the_memory_path(tmp_path):
     served = rt.predict(x)
     assert served.prediction.paths[0] == "memory" and rt.classes[served.prediction.labels[0]] == "Novel"
     assert served.feedback_ids[0] == 1 and served.prediction.timings_ms["head"] >= 0
+
+
+def test_ivf_index_runtime_answers_feedback_like_exact(tmp_path):
+    save_tiny_model(tmp_path / "store")
+    rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var", index="ivf", nprobe=4)
+    assert rt.memory.index is not None and len(rt.memory.index) == rt.memory.size
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    rt.feedback(rt.features(x), "Novel")
+    served = rt.predict(x)
+    assert [rt.classes[i] for i in served.prediction.labels] == ["Novel"] * 3
+    assert len(rt.memory.index) == rt.memory.size
