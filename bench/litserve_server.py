@@ -1,0 +1,71 @@
+"""The same stored model served by LitServe with its own dynamic batching: the load
+benchmark's comparison point (c). Takes our /predict's JSON form, {"image_base64": "..."}:
+LitServe 0.2.19 cannot hand a multipart upload to its inference process (the parsed form
+does not pickle: "Pickling an AuthenticationString object is disallowed").
+
+    .venv/bin/python bench/litserve_server.py --port 8001 [--model fashion-mnist] [--max-batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+
+import litserve as ls
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from service.images import ImageLimits, decode_image  # noqa: E402
+from service.store import load_model  # noqa: E402
+
+
+class MemoryClassifierAPI(ls.LitAPI):
+    def __init__(self, store: str, model: str, **kw):
+        super().__init__(**kw)
+        self.store, self.model_name = store, model
+
+    def setup(self, device):
+        self.loaded = load_model(self.store, self.model_name)
+        self.model = self.loaded.model.eval()
+        self.limits = ImageLimits()
+
+    def decode_request(self, request):
+        data = base64.b64decode(request["image_base64"], validate=True)
+        return decode_image(data, self.loaded.input, self.limits)  # (C, H, W)
+
+    def batch(self, inputs):
+        return torch.stack(inputs)  # (B, C, H, W)
+
+    def predict(self, x):
+        p = self.model.predict(x)
+        return [{"label": self.loaded.classes[int(i)] if int(i) < len(self.loaded.classes) else str(int(i)),
+                 "confidence": float(c), "path": path}
+                for i, c, path in zip(p.labels, p.confidence, p.paths)]
+
+    def unbatch(self, output):
+        return output
+
+    def encode_response(self, output):
+        return {"predictions": [output]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8001)
+    ap.add_argument("--store", default="model_store")
+    ap.add_argument("--model", default="fashion-mnist")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--batch-timeout", type=float, default=0.002, help="seconds")
+    ap.add_argument("--slow-queue", action="store_true", help="multiprocessing queues instead of ZeroMQ")
+    args = ap.parse_args()
+    api = MemoryClassifierAPI(args.store, args.model, max_batch_size=args.max_batch_size,
+                              batch_timeout=args.batch_timeout)
+    # fast_queue: ZeroMQ between the API and inference processes, LitServe's setting for >100 req/s
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, fast_queue=not args.slow_queue)
+    server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
+
+
+if __name__ == "__main__":
+    main()
