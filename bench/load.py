@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, spread, write_record  # noqa: E402
-from service.data import load_fashion_mnist, normalize  # noqa: E402
+from service.data import load_fashion_mnist  # noqa: E402
 from service.images import ImageLimits, decode_image  # noqa: E402
 from service.store import load_model  # noqa: E402
 from tests.live import free_port  # noqa: E402
@@ -208,9 +208,9 @@ def main() -> None:
                             for _ in range(args.repeats)]
                     rows[c] = {"runs": runs, **{k: spread([r[k] for r in runs])
                                                 for k in ("rps", "p50_us", "p95_us", "p99_us", "errors")}}
-                    print(f"{kind:>9} c={c:>2}: {rows[c]['rps']['median']:8.1f} req/s  "
-                          f"p50 {rows[c]['p50_us']['median'] / 1e3:6.1f} ms  p95 {rows[c]['p95_us']['median'] / 1e3:6.1f}"
-                          f" ms  p99 {rows[c]['p99_us']['median'] / 1e3:6.1f} ms  errors {sum(r['errors'] for r in runs)}",
+                    ms = {k: rows[c][f"{k}_us"]["median"] / 1e3 for k in ("p50", "p95", "p99")}
+                    print(f"{kind:>17} c={c:>2}: {rows[c]['rps']['median']:8.1f} req/s  p50 {ms['p50']:6.1f} ms  "
+                          f"p95 {ms['p95']:6.1f} ms  p99 {ms['p99']:6.1f} ms  errors {sum(r['errors'] for r in runs)}",
                           flush=True)
                 results["servers"][kind] = {"answer_accuracy": accuracy, "clients": rows}
                 if kind == "batched":

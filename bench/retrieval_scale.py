@@ -117,7 +117,6 @@ def main() -> None:
                       f"faiss flat {r['faiss_flat']['median']:>10.0f}/s ({r['faiss_flat_over_exact']:.2f}x)  "
                       f"ivf {r['ivf']['median']:>10.0f}/s ({r['ivf_over_exact']:.1f}x, nprobe {nprobe}, "
                       f"recall@1 {recall:.3f}, nlist {index.nlist}, build {build_s:.1f} s)", flush=True)
-            del memory, flat, index
     write_record("retrieval_scale", config, {"rows": rows}, m)
 
 
