@@ -162,7 +162,8 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
         cfg = state.config = state.config or ServiceConfig.from_env()
         state.runtime = rt = await state.on_model_thread(
             ModelRuntime, cfg.model_store, cfg.model_name, cfg.state_dir, cfg.confidence_threshold,
-            cfg.memory_index, cfg.index_nprobe)
+            cfg.memory_index, cfg.index_nprobe, cfg.new_class_threshold, cfg.class_balance,
+            cfg.protect_feedback)
         spec = rt.loaded.input
         await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
         m = state.metrics

@@ -55,6 +55,9 @@ class MemoryConfig:
     """Softmax temperature of retrieval weights and of the contrastive loss."""
     top_k: int = 5
     """Neighbours that vote in retrieval."""
+    class_balance: float = 0.0
+    """Vote weight of a neighbour times (mean items per held class / items of its class) ** this: 0 = plain
+    vote; > 0 lets a class taught with a few examples outvote a class held thousands of times."""
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -69,6 +72,8 @@ class MemoryConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.class_balance < 0:
+            raise ValueError(f"--class-balance must be >= 0, got {self.class_balance}")
 
 
 @dataclass
@@ -178,6 +183,11 @@ class Memory(nn.Module):
         weights = torch.softmax(top_sim / self.config.temperature, dim=-1)  # (B, k)
         weights = torch.nan_to_num(weights, nan=0.0)  # a row of all -inf (empty memory) gives NaN
         dist = self.class_distribution(top_slot.clamp_min(0))  # (B, k, C)
+        if self.config.class_balance > 0:
+            counts = self.class_counts().float()  # (C,)
+            prior = (counts[counts > 0].mean() / counts.clamp_min(1)) ** self.config.class_balance  # (C,)
+            weights = weights * (dist @ prior)  # (B, k): each neighbour by its class's weight
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         votes = (weights.unsqueeze(-1) * dist).sum(1)  # (B, C)
 
         exact = valid[:, 0] & (top_sim[:, 0] >= EXACT_MATCH)  # (B,)
@@ -273,14 +283,20 @@ class Memory(nn.Module):
         self.replacements += replaced
 
     @torch.no_grad()
-    def teach(self, features: torch.Tensor, labels: torch.Tensor) -> UpdateReport:
+    def teach(self, features: torch.Tensor, labels: torch.Tensor,
+              protected: torch.Tensor | None = None) -> UpdateReport:
         """Write user corrections (feedback), one example after another.
 
         Unlike `update`, a correction is never swallowed by the similarity rule: it is skipped
         only when the memory already holds this very feature (an exact match) with this label.
         An exact match with another label is overwritten; otherwise the example fills an empty
-        slot, or, when full, the slot the replacement rule picks (without the skip test).
+        slot, or, when full, the slot the replacement rule picks (without the skip test) among
+        the slots not `protected` ((M,) bool: the service protects user-taught items, so that
+        ten examples of a new class are ten items, not one rewritten ten times). When every
+        slot is protected, the rule picks among all of them.
         """
+        protected = (torch.zeros(self.capacity, dtype=torch.bool) if protected is None
+                     else protected.clone().to(torch.bool))
         features = features.detach().to(self.labels.device, torch.float32)
         labels = labels.to(self.labels.device, torch.int64)
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_classes):
@@ -302,8 +318,10 @@ class Memory(nn.Module):
             elif self.size < self.capacity:
                 target = (~self.filled()).nonzero()[0]
             else:
-                target = self._choose_replacements(sims, y)
+                guard = protected if not bool(protected.all()) else torch.zeros_like(protected)
+                target = self._choose_replacements(sims.masked_fill(guard, float("nan")), y)
             target = int(target)
+            protected[target] = True
             previous[i] = self.labels[target]
             action[i] = ADDED if int(previous[i]) == EMPTY else REPLACED
             slot[i] = target

@@ -110,9 +110,10 @@ class Prediction:
                           self.slot[rows], self.similarity[rows], dict(self.timings_ms))
 
 
-def route_by_confidence(memory: Retrieval, head_probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
-    """Memory answer where its confidence >= threshold, else the head's. Returns labels,
-    confidence, used_memory, all (B,)."""
+def route_by_confidence(memory: Retrieval, head_probs: torch.Tensor, threshold: float | torch.Tensor
+                        ) -> tuple[torch.Tensor, ...]:
+    """Memory answer where its confidence >= threshold (a float, or (B,) per sample), else
+    the head's. Returns labels, confidence, used_memory, all (B,)."""
     used_memory = (memory.confidence >= threshold) & (memory.labels != EMPTY)  # (B,)
     head_conf, head_labels = head_probs.max(-1)  # (B,)
     labels = torch.where(used_memory, memory.labels, head_labels)
@@ -216,10 +217,16 @@ class EnhancedClassifier(nn.Module):
                          class_scores=torch.zeros(B, self.config.memory_classes))
 
     @torch.no_grad()
-    def route(self, r: Retrieval, hidden: torch.Tensor, threshold: float | None = None) -> Prediction:
-        """Memory answer where confident; the rest of the network (one batched call) for the others."""
+    def route(self, r: Retrieval, hidden: torch.Tensor, threshold: float | None = None,
+              new_class_threshold: float | None = None) -> Prediction:
+        """Memory answer where confident; the rest of the network (one batched call) for the others.
+        `new_class_threshold` applies where the memory's answer is a class the head does not
+        have (taught by feedback): the head can never give that answer, so waiting for the
+        usual confidence only hands the sample to a head that is sure to be wrong."""
         threshold = self.config.confidence_threshold if threshold is None else threshold
         B, C = r.labels.shape[0], self.config.memory_classes
+        if new_class_threshold is not None:
+            threshold = torch.where(r.labels >= self.config.num_classes, new_class_threshold, threshold)  # (B,)
         t2 = time.perf_counter()
         used_memory = (r.confidence >= threshold) & (r.labels != EMPTY)  # (B,)
         probs = torch.zeros(B, C)

@@ -72,11 +72,16 @@ class Served:
 
 class ModelRuntime:
     def __init__(self, store: str | Path, name: str, state_dir: str | Path, threshold: float | None = None,
-                 index: str = "exact", nprobe: int = 16):
+                 index: str = "exact", nprobe: int = 16, new_class_threshold: float | None = None,
+                 class_balance: float = 0.0, protect_feedback: bool = True):
         self.loaded: LoadedModel = load_model(store, name)
         self.model = self.loaded.model.eval()
         self.memory = self.model.memory
         self.threshold = self.model.config.confidence_threshold if threshold is None else threshold
+        self.new_class_threshold = new_class_threshold
+        self.protect_feedback = protect_feedback
+        if self.memory is not None:
+            self.memory.config.class_balance = class_balance
         self.classes: list[str] = list(self.loaded.classes)  # grows with classes taught by feedback
         self.lock = threading.RLock()
         self.stats = RuntimeStats()
@@ -132,7 +137,7 @@ class ModelRuntime:
                     for s in slots]
             nearest = [self.classes[int(self.memory.labels[s])] if s != EMPTY else None for s in slots]
         t2 = time.perf_counter()
-        p = self.model.route(r, hidden, self.threshold)
+        p = self.model.route(r, hidden, self.threshold, self.new_class_threshold)
         p.timings_ms["features"] = 1e3 * (t1 - t0)
         p.timings_ms["memory"] = 1e3 * (t2 - t1)
         return Served(p, fids, nearest)
@@ -169,7 +174,9 @@ class ModelRuntime:
             raise RuntimeError(f"journal record {records[0].id} names class {index}={name!r}, "
                                f"memory knows {self.classes}")
         feats = torch.stack([r.features for r in records])  # (N, D)
-        rep = self.memory.teach(feats, torch.full((len(records),), index))
+        # user-taught items are never replaced by later feedback while training items remain
+        protected = self.slot_feedback != EMPTY if self.protect_feedback else None
+        rep = self.memory.teach(feats, torch.full((len(records),), index), protected=protected)
         out = []
         for r, a, s, prev in zip(records, rep.action.tolist(), rep.slot.tolist(), rep.previous_label.tolist()):
             if s != EMPTY:

@@ -31,6 +31,12 @@ class ServiceConfig:
     """SNAPSHOT_INTERVAL: seconds between periodic memory snapshots (0 = only on demand and shutdown)."""
     top_k: int = 5
     """TOP_K: classes listed with scores in each prediction."""
+    protect_feedback: bool = True
+    """PROTECT_FEEDBACK: user-taught items are replaced only when nothing else is left (1/0)."""
+    new_class_threshold: float | None = 0.5
+    """NEW_CLASS_THRESHOLD: memory confidence enough for a class the head does not know (taught by feedback)."""
+    class_balance: float = 0.5
+    """CLASS_BALANCE: neighbour vote weight x (mean items per class / items of its class) ** this (0 = plain)."""
     memory_index: str = "exact"
     """MEMORY_INDEX: memory search, exact (chunked matrix product) or ivf (faiss IVF index, approximate)."""
     index_nprobe: int = 16
@@ -45,6 +51,10 @@ class ServiceConfig:
             raise ValueError("MAX_UPLOAD_BYTES, MAX_PIXELS and MAX_FILES must be >= 1")
         if self.max_batch_size < 1 or self.max_batch_wait_ms < 0:
             raise ValueError("MAX_BATCH_SIZE must be >= 1 and MAX_BATCH_WAIT_MS >= 0")
+        if self.new_class_threshold is not None and not 0 <= self.new_class_threshold <= 1:
+            raise ValueError(f"NEW_CLASS_THRESHOLD must be in [0, 1], got {self.new_class_threshold}")
+        if self.class_balance < 0:
+            raise ValueError(f"CLASS_BALANCE must be >= 0, got {self.class_balance}")
         if self.memory_index not in ("exact", "ivf"):
             raise ValueError(f"MEMORY_INDEX must be exact or ivf, got {self.memory_index!r}")
         if self.index_nprobe < 1:
@@ -65,7 +75,11 @@ class ServiceConfig:
             if raw is None:
                 continue
             kind = f.type if isinstance(f.type, type) else str(f.type)
-            if "float" in str(kind):
+            if "bool" in str(kind):
+                if raw.lower() not in ("1", "0", "true", "false"):
+                    raise ValueError(f"{f.name.upper()} must be 1/0/true/false, got {raw!r}")
+                values[f.name] = raw.lower() in ("1", "true")
+            elif "float" in str(kind):
                 values[f.name] = float(raw)
             elif "int" in str(kind):
                 values[f.name] = int(raw)

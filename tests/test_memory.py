@@ -263,3 +263,37 @@ def test_loss_matches_its_definition_on_a_hand_made_memory():
     p = torch.softmax(sims / 0.5, -1)
     expected = -torch.log(p[1] + p[2])  # mass on class-1 items
     assert m.contrastive_loss(q, torch.tensor([1])).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(MEMORIES))
+def test_teach_keeps_every_example_of_a_new_class_when_taught_items_are_protected(kind):
+    m = make(kind, capacity=8, dim=4, classes=4)
+    m.update(F.normalize(torch.randn(8, 4), dim=-1), torch.tensor([0, 1] * 4))  # full of training items
+    taught = torch.zeros(8, dtype=torch.bool)
+    shots = F.normalize(torch.randn(3, 4), dim=-1)
+    rep = m.teach(shots, torch.tensor([3, 3, 3]), protected=taught)
+    assert len(set(rep.slot.tolist())) == 3 and (m.labels == 3).sum() == 3
+    unprotected = make(kind, capacity=8, dim=4, classes=4)
+    unprotected.update(F.normalize(torch.randn(8, 4), dim=-1), torch.tensor([0, 1] * 4))
+    for shot in shots:  # one call each, nothing protected
+        unprotected.teach(shot[None], torch.tensor([3]))
+    if kind == "cached":  # the same-class rule alone rewrites the first shot with the next
+        assert (unprotected.labels == 3).sum() == 1
+
+
+def test_teach_with_every_slot_protected_still_writes():
+    m = make("cached", capacity=2, dim=4, classes=4)
+    m.teach(F.normalize(torch.randn(3, 4), dim=-1), torch.tensor([1, 2, 3]), protected=torch.ones(2, dtype=torch.bool))
+    assert m.size == 2 and 3 in m.labels.tolist()
+
+
+def test_class_balance_lets_a_rare_class_outvote_a_common_one():
+    m = make("cached", capacity=101, dim=2, classes=3, top_k=5)
+    common = F.normalize(torch.tensor([[1.0, 0.0]]) + 0.01 * torch.randn(100, 2), dim=-1)
+    m.update(common, torch.zeros(100, dtype=torch.int64))
+    m.update(F.normalize(torch.tensor([[1.0, 0.2]]), dim=-1), torch.tensor([2]))  # one example of class 2
+    q = F.normalize(torch.tensor([[1.0, 0.15]]), dim=-1)  # nearest is the rare item, then four common ones
+    assert m.retrieve(q).labels.item() == 0  # plain vote: four common neighbours win
+    m.config.class_balance = 1.0
+    r = m.retrieve(q)
+    assert r.labels.item() == 2 and r.class_scores[0, 2] > 0.5

@@ -143,3 +143,13 @@ def test_network_path_after_an_early_exit_equals_the_full_network(tiny_model):
 def test_bad_exit_stage_names_the_flag(tiny_model, bad, match):
     with pytest.raises(ValueError, match=match):
         tiny_model(**bad)
+
+
+def test_new_class_threshold_applies_only_to_classes_the_head_lacks(tiny_model):
+    model = tiny_model("cached", memory_classes=6)  # head: 4 classes; memory: room for 2 more
+    r = retrieval([5, 1], [0.6, 0.6])
+    r.class_scores = torch.zeros(2, 6)
+    hidden = torch.randn(2, model.feature_dim)
+    p = model.route(r, hidden, threshold=0.85, new_class_threshold=0.5)
+    assert p.paths == ["memory", "network"] and p.labels[0] == 5
+    assert model.route(r, hidden, threshold=0.85).paths == ["network", "network"]

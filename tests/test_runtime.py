@@ -111,3 +111,14 @@ def test_ivf_index_runtime_answers_feedback_like_exact(tmp_path):
     served = rt.predict(x)
     assert [rt.classes[i] for i in served.prediction.labels] == ["Novel"] * 3
     assert len(rt.memory.index) == rt.memory.size
+
+
+def test_feedback_of_a_new_class_in_a_full_memory_keeps_every_example(make_runtime):
+    rt = make_runtime()
+    for i in range(8):  # fill the 16 slots (8 prefilled)
+        rt.feedback(feats(rt, 100 + i), "one")
+    assert rt.memory.size == rt.memory.capacity
+    for i in range(5):
+        rt.feedback(feats(rt, i), "Novel")
+    novel = rt.classes.index("Novel")
+    assert int((rt.memory.labels == novel).sum()) == 5
