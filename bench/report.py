@@ -166,6 +166,136 @@ def roundtrip_lines() -> str:
     return "\n".join(out) or "(store_roundtrip not run)"
 
 
+def early_exit_table() -> str:
+    rows = ["| data set | model | memory reads | threshold | accuracy (routed) | plain network | memory share "
+            "| throughput vs plain (batch 256) | per sample: memory / network path (batch 1) "
+            "| per sample, batched: memory / network path | memory path / plain (batch 1) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    found = False
+    for ds, label in (("fashion-mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10 (JPEG copy)")):
+        r = load(f"early_exit-{ds}")
+        if r is None:
+            continue
+        found = True
+        for x in r["results"]["rows"]:
+            rows.append(
+                f"| {label} | `{x['model']}` | {x['exit_stage']} | {x['threshold']:.2f} | {pct(x['accuracy'])} | "
+                f"{pct(x['plain_accuracy'])} | {pct(x['memory_usage'])} | "
+                f"{x['throughput_images_per_s']['median']:.0f} vs {x['plain_images_per_s']['median']:.0f} img/s = "
+                f"**{x['speedup']:.2f}x** | {x['memory_path_ms']['median']:.2f} / {x['network_path_ms']['median']:.2f}"
+                f" ms = **{x['memory_over_network_per_sample']:.2f}x** | "
+                f"{x['batched_memory_path_ms']['median']:.3f} / {x['batched_network_path_ms']['median']:.3f} ms = "
+                f"**{x['memory_over_network_batched']:.2f}x** | {x['memory_over_plain_per_sample']:.2f}x |")
+    return "\n".join(rows) if found else "(early_exit not run)"
+
+
+def load_table() -> str:
+    r = load("load")
+    if r is None:
+        return "(load not run)"
+    res = r["results"]
+    rows = ["| server | clients | requests/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+    names = {"batched": "this service, batching", "unbatched": "this service, MAX_BATCH_SIZE=1",
+             "litserve": "LitServe, its batching", "plain": "plain FastAPI per request",
+             "batched-multipart": "this service, batching, multipart uploads"}
+    for kind, s in res["servers"].items():
+        for c, row in s["clients"].items():
+            rows.append(f"| {names.get(kind, kind)} | {c} | {row['rps']['median']:.0f} "
+                        f"({row['rps']['min']:.0f}-{row['rps']['max']:.0f}) | {row['p50_us']['median'] / 1e3:.1f} | "
+                        f"{row['p95_us']['median'] / 1e3:.1f} | {row['p99_us']['median'] / 1e3:.1f} | "
+                        f"{sum(x['errors'] for x in row['runs'])} |")
+    cl = res["ceiling"]
+    rows.append("")
+    rows.append(f"In-process ceiling (no HTTP): **{cl['best']['median']:.0f} images/s** at batch {cl['best_batch']} "
+                f"(model only); {cl['with_decode_at_best_batch']['median']:.0f} images/s with PNG decoding. "
+                "By batch: " + ", ".join(f"{b}: {v['median']:.0f}" for b, v in cl["images_per_second_by_batch"].items()))
+    rows.append("")
+    rows.append("| clients | batched / LitServe req/s | batched p99 / LitServe p99 | batched / ceiling | "
+                "batched / ceiling with decode | batched / unbatched |")
+    rows.append("|---|---|---|---|---|---|")
+    for c, x in res["ratios"].items():
+        def f(k):
+            return f"{x[k]:.2f}x" if k in x else "n/a"
+        rows.append(f"| {c} | {f('batched_over_litserve_rps')} | {f('batched_p99_over_litserve_p99')} | "
+                    f"{f('batched_over_ceiling')} | {f('batched_over_ceiling_with_decode')} | "
+                    f"{f('batched_over_unbatched_rps')} |")
+    if "feedback" in res:
+        rows.append("")
+        rows.append("| /feedback clients | acknowledged/s (journal fsync each) | p50 ms | p99 ms | errors |")
+        rows.append("|---|---|---|---|---|")
+        for c, x in res["feedback"].items():
+            rows.append(f"| {c} | {x['rps']['median']:.0f} | {x['p50_us']['median'] / 1e3:.1f} | "
+                        f"{x['p99_us']['median'] / 1e3:.1f} | {sum(y['errors'] for y in x['runs'])} |")
+    return "\n".join(rows)
+
+
+def retrieval_table() -> str:
+    r = load("retrieval_scale")
+    if r is None:
+        return "(retrieval_scale not run)"
+    rows = ["| items | D | batch | exact (ours) lookups/s | faiss IndexFlatIP | faiss / ours | IVF lookups/s "
+            "| IVF / exact | IVF nprobe / nlist | IVF recall@1 | IVF build s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in r["results"]["rows"]:
+        rows.append(f"| {x['items']:,} | {x['dim']} | {x['batch']} | {x['exact']['median']:,.0f} | "
+                    f"{x['faiss_flat']['median']:,.0f} | {x['faiss_flat_over_exact']:.2f}x | {x['ivf']['median']:,.0f} | "
+                    f"**{x['ivf_over_exact']:.1f}x** | {x['ivf_nprobe']} / {x['ivf_nlist']} | "
+                    f"{x['ivf_recall_at_1']:.3f} | {x['ivf_build_seconds']:.1f} |")
+    return "\n".join(rows)
+
+
+def online_table(ds: str) -> str:
+    r = load(f"online-new-classes-{ds}")
+    if r is None:
+        return f"(online-new-classes-{ds} not run)"
+    rows = ["| K per new class | method | new-class recall | old-class accuracy | overall | mean(old, new) "
+            "| memory-path share |", "|---|---|---|---|---|---|---|"]
+    for x in r["results"]["table"]:
+        rng = (f" ({pct(x['new_recall_min'])}-{pct(x['new_recall_max'])})" if x["seeds"] > 1 else "")
+        share = pct(x["memory_share"]) if "memory_share" in x else "-"
+        name = f"**{x['method']}**" if x["method"].startswith("memory") else x["method"]
+        rows.append(f"| {x['k']} | {name} | {pct(x['new_recall'])}{rng} | {pct(x['old_accuracy'])} | "
+                    f"{pct(x['accuracy'])} | {pct(x['mean_old_new'])} | {share} |")
+    return "\n".join(rows)
+
+
+def online_ablation_table() -> str:
+    rows = ["| policy (K = 10, Fashion-MNIST) | new-class recall | old-class accuracy | mean(old, new) |",
+            "|---|---|---|---|"]
+    variants = [("-ablation-seed", "PROTECT_FEEDBACK=0, CLASS_BALANCE=0, NEW_CLASS_THRESHOLD=0.85"),
+                ("-ablation-protect", "+ PROTECT_FEEDBACK=1 (no change here: each class's shots arrive in one "
+                                      "request, and a request never overwrites its own items)"),
+                ("-ablation-protect-newthr", "+ threshold 0.5 for classes the head lacks"),
+                ("", "+ class-balanced vote 0.5 (the default)")]
+    for tag, label in variants:
+        r = load(f"online-new-classes-fashion-mnist{tag}")
+        if r is None:
+            rows.append(f"| {label} | not run | | |")
+            continue
+        x = next(t for t in r["results"]["table"] if t["k"] == 10 and t["method"].startswith("memory"))
+        rows.append(f"| {label} | {pct(x['new_recall'])} | {pct(x['old_accuracy'])} | {pct(x['mean_old_new'])} |")
+    return "\n".join(rows)
+
+
+def shift_table() -> str:
+    rows = ["| data set | shift | K per class | shifted accuracy before -> after | change | clean accuracy before "
+            "-> after | change |", "|---|---|---|---|---|---|---|"]
+    found = False
+    for ds, label in (("fashion-mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10 (JPEG copy)")):
+        for tr in ("rot90", "invert"):
+            r = load(f"online-shift-{ds}-{tr}")
+            if r is None:
+                continue
+            found = True
+            b = r["results"]["before"]
+            for x in r["results"]["table"]:
+                rows.append(f"| {label} | {tr} | {x['k']} | {pct(b['shifted_accuracy'])} -> "
+                            f"{pct(x['shifted_accuracy'])} | **{x['shifted_gain_points']:+.1f} points** | "
+                            f"{pct(b['clean_accuracy'])} -> {pct(x['clean_accuracy'])} | "
+                            f"**{x['clean_change_points']:+.2f} points** |")
+    return "\n".join(rows) if found else "(online-shift not run)"
+
+
 def update_file(path: Path, sections: dict) -> None:
     """Replace the text between `<!-- begin:NAME -->` and `<!-- end:NAME -->` markers."""
     text = path.read_text()
@@ -183,7 +313,11 @@ if __name__ == "__main__":
     sections = {"training": training_table, "sweep-fashion-mnist": lambda: sweep_table("fashion-mnist"),
                 "sweep-cifar10": lambda: sweep_table("cifar10"), "overhead": overhead_table,
                 "service": service_table, "service-headline": service_headline, "crash": crash_table,
-                "roundtrip": roundtrip_lines, "reliability": reliability_table}
+                "roundtrip": roundtrip_lines, "reliability": reliability_table, "early-exit": early_exit_table,
+                "load": load_table, "retrieval": retrieval_table,
+                "online-fashion-mnist": lambda: online_table("fashion-mnist"),
+                "online-cifar10": lambda: online_table("cifar10"), "online-ablation": online_ablation_table,
+                "shift": shift_table}
     if sys.argv[1:2] == ["--update"]:
         for f in sys.argv[2:]:
             update_file(Path(f), sections)
