@@ -208,7 +208,8 @@ def load_table() -> str:
     rows.append("")
     rows.append(f"In-process ceiling (no HTTP): **{cl['best']['median']:.0f} images/s** at batch {cl['best_batch']} "
                 f"(model only); {cl['with_decode_at_best_batch']['median']:.0f} images/s with PNG decoding. "
-                "By batch: " + ", ".join(f"{b}: {v['median']:.0f}" for b, v in cl["images_per_second_by_batch"].items()))
+                "By batch: "
+                + ", ".join(f"{b}: {v['median']:.0f}" for b, v in cl["images_per_second_by_batch"].items()))
     rows.append("")
     rows.append("| clients | batched / LitServe req/s | batched p99 / LitServe p99 | batched / ceiling | "
                 "batched / ceiling with decode | batched / unbatched |")
@@ -238,7 +239,8 @@ def retrieval_table() -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["results"]["rows"]:
         rows.append(f"| {x['items']:,} | {x['dim']} | {x['batch']} | {x['exact']['median']:,.0f} | "
-                    f"{x['faiss_flat']['median']:,.0f} | {x['faiss_flat_over_exact']:.2f}x | {x['ivf']['median']:,.0f} | "
+                    f"{x['faiss_flat']['median']:,.0f} | {x['faiss_flat_over_exact']:.2f}x | "
+                    f"{x['ivf']['median']:,.0f} | "
                     f"**{x['ivf_over_exact']:.1f}x** | {x['ivf_nprobe']} / {x['ivf_nlist']} | "
                     f"{x['ivf_recall_at_1']:.3f} | {x['ivf_build_seconds']:.1f} |")
     return "\n".join(rows)
