@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, spread, write_record  # noqa: E402
-from service.data import load_dataset, normalize  # noqa: E402
-from service.store import load_model  # noqa: E402
-from service.train import SWEEP_THRESHOLDS, collect_predictions, threshold_sweep  # noqa: E402
+from service.core.data import load_dataset, normalize  # noqa: E402
+from service.core.store import load_model  # noqa: E402
+from service.core.train import SWEEP_THRESHOLDS, collect_predictions, threshold_sweep  # noqa: E402
 
 DATA_DIRS = {"fashion-mnist": None, "cifar10": str(ROOT / "../shared/data/cifar10-jpeg.zip")}
 

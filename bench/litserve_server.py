@@ -17,8 +17,8 @@ import litserve as ls
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.images import ImageLimits, decode_image  # noqa: E402
-from service.store import load_model  # noqa: E402
+from service.core.preprocess import ImageLimits, decode_image  # noqa: E402
+from service.core.store import load_model  # noqa: E402
 
 
 class MemoryClassifierAPI(ls.LitAPI):

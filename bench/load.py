@@ -38,10 +38,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, spread, write_record  # noqa: E402
-from service.data import load_fashion_mnist  # noqa: E402
-from service.images import ImageLimits, decode_image  # noqa: E402
-from service.store import load_model  # noqa: E402
-from tests.live import free_port  # noqa: E402
+from service.core.data import load_fashion_mnist  # noqa: E402
+from service.core.preprocess import ImageLimits, decode_image  # noqa: E402
+from service.core.store import load_model  # noqa: E402
+from bench.live import free_port  # noqa: E402
 
 BOUNDARY = "benchboundary7d41"
 TOKEN = "bench-token"

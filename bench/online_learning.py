@@ -37,9 +37,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, write_record  # noqa: E402
-from service.data import Dataset, load_dataset, normalize  # noqa: E402
-from service.store import load_model  # noqa: E402
-from tests.live import Server  # noqa: E402
+from service.core.data import Dataset, load_dataset, normalize  # noqa: E402
+from service.core.store import load_model  # noqa: E402
+from bench.live import Server  # noqa: E402
 
 SETTINGS = {  # dataset -> (data dir, 8-class model, held-out classes, 10-class model)
     "fashion-mnist": (None, "fashion-mnist-8", ["Sneaker", "Bag"], "fashion-mnist"),

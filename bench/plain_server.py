@@ -19,8 +19,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.images import ImageLimits, decode_image  # noqa: E402
-from service.store import load_model  # noqa: E402
+from service.core.preprocess import ImageLimits, decode_image  # noqa: E402
+from service.core.store import load_model  # noqa: E402
 
 
 class Body(BaseModel):

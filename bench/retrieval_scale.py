@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import header, spread, write_record  # noqa: E402
-from service.memory import create_memory  # noqa: E402
+from service.core.memory import create_memory  # noqa: E402
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
 K = 5  # neighbours per lookup: the memory's top_k

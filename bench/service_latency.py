@@ -24,8 +24,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, spread, write_record  # noqa: E402
-from service.data import load_fashion_mnist  # noqa: E402
-from tests.live import Server  # noqa: E402
+from service.core.data import load_fashion_mnist  # noqa: E402
+from bench.live import Server  # noqa: E402
 
 TOKEN = "bench-token"
 

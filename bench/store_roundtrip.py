@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import header, write_record  # noqa: E402
-from service.data import load_dataset, normalize  # noqa: E402
-from service.store import load_model, save_model  # noqa: E402
+from service.core.data import load_dataset, normalize  # noqa: E402
+from service.core.store import load_model, save_model  # noqa: E402
 
 
 def main() -> None:

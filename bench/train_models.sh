@@ -9,14 +9,19 @@ PY=${PY:-.venv/bin/python}
 CIFAR_ZIP=${CIFAR_ZIP:-../shared/data/cifar10-jpeg.zip}
 ONLY=${1:-all}
 
+# The routing policy's online-learning settings, chosen on validation data by
+# bench/online_learning.py policy-grid (BENCHMARKS.md); the confidence threshold each run
+# chooses itself on its own validation split (5,000 training images, seed 0).
+POLICY=(--class-balance "${CLASS_BALANCE:-0.5}" --new-class-threshold "${NEW_CLASS_THRESHOLD:-0.5}")
+
 run() {  # run <name> <store> <args...>
   local name=$1 store=$2; shift 2
-  echo "== $name: $PY -m service train --name $name --store $store $*"
-  $PY -m service train --name "$name" --store "$store" --no-progress "$@"
+  echo "== $name: $PY -m service train --name $name --store $store ${POLICY[*]} $*"
+  $PY -m service train --name "$name" --store "$store" --no-progress "${POLICY[@]}" "$@"
   cp "$store/$name/metrics.json" "bench/results/train-$name.json"
 }
 
-# the seed's settings are the defaults: memory 10000, threshold 0.85, 5 epochs, batch 128, memory loss 0.4
+# the seed's settings are the defaults: memory 10000, 5 epochs, batch 128, memory loss 0.4
 FM=(--dataset fashion-mnist --backbone small_resnet_wide)
 C10=(--dataset cifar10 --data-dir "$CIFAR_ZIP" --backbone poolnet)
 case $ONLY in all|fashion-mnist) run fashion-mnist model_store "${FM[@]}" --memory cached ;; esac

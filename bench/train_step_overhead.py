@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import header, spread, write_record  # noqa: E402
-from service.model import ClassifierConfig, EnhancedClassifier  # noqa: E402
-from service.train import TrainConfig, make_optimizer, train_step  # noqa: E402
+from service.core.model import ClassifierConfig, EnhancedClassifier  # noqa: E402
+from service.core.train import TrainConfig, make_optimizer, train_step  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,10 @@
-"""Memory-augmented image classifier and its inference service.
+"""Memory-augmented image classifier and its inference service, in three layers:
 
-ML core (no web imports): memory, backbones, model, data, train, store, runtime, journal,
-images. Web service: app, schemas, metrics, settings, serve_cli. Entry point: `python -m
-service {train,serve}`.
+- `service.core`: the ML core (model, routing policy, memory, retrieval, backbones, data,
+  training, model store, image preprocessing). Imports neither serving nor web code.
+- `service.serving`: the served runtime (predict and feedback on a model thread, batching,
+  durable feedback state). Imports the core, never the web stack.
+- `service.web`: the FastAPI app (routers, schemas, errors, metrics, settings).
+
+Entry point: `python -m service {train,serve}` (service/cli.py).
 """

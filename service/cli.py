@@ -1,19 +1,24 @@
 """One entry point: `python -m service {train,serve} ...`.
 
 Flags are generated from the config dataclasses; each field's docstring is its --help.
+The web stack is imported only when `serve` runs, so training needs none of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import ast
 import dataclasses
 import inspect
 import sys
 import textwrap
+import types
 import typing
 
-from .model import ClassifierConfig
+from .core.model import ClassifierConfig
+from .core.routing import RoutingPolicy
+from .web.settings import ServiceConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -58,31 +63,72 @@ DERIVED = ("num_classes", "in_chans", "image_size", "memory_classes")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainConfig
+    from .core.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m service", description="Memory-augmented image classifier.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a model and write it to the model store")
     add_dataclass_args(p_train, TrainConfig)
     add_dataclass_args(p_train, ClassifierConfig, skip=DERIVED)
+    add_dataclass_args(p_train, RoutingPolicy)
 
-    try:
-        from .serve_cli import add_serve_parser
-    except ImportError:  # the web stack is optional for training
-        add_serve_parser = None
-    if add_serve_parser is not None:
-        add_serve_parser(sub)
+    add_serve_parser(sub)
 
     ns = parser.parse_args(argv)
     if ns.command == "train":
-        from .data import DatasetMissing
-        from .train import run_training
+        from .core.data import DatasetMissing
+        from .core.train import run_training
 
         try:
-            tc, cc = pick(TrainConfig, ns), pick(ClassifierConfig, ns)
-            run_training(tc, cc)
+            tc, cc, policy = pick(TrainConfig, ns), pick(ClassifierConfig, ns), pick(RoutingPolicy, ns)
+            run_training(tc, cc, policy)
         except (ValueError, DatasetMissing) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
     return ns.func(ns)
+
+def add_settings_args(parser: argparse.ArgumentParser, cls) -> None:
+    """Flags from a pydantic-settings class; left unset (None), the environment decides."""
+    for name, f in cls.model_fields.items():
+        base = f.annotation
+        if typing.get_origin(base) in (typing.Union, types.UnionType):  # X | None
+            base = next(a for a in typing.get_args(base) if a is not type(None))
+        if typing.get_origin(base) is typing.Literal:
+            kind = dict(choices=list(typing.get_args(base)))
+        elif base is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kind = dict(type=base)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                            help=f"{f.description} (env {name.upper()}, default: {f.default})", **kind)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model from the store over HTTP (environment variables of the "
+                                     "same names, upper-cased, are the defaults)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    add_settings_args(p, ServiceConfig)
+    p.set_defaults(func=serve)
+
+
+def serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .core.store import ModelStoreError, model_dir
+    from .web.app import create_app
+
+    overrides = {f: getattr(ns, f) for f in ServiceConfig.model_fields if getattr(ns, f) is not None}
+    try:
+        config = ServiceConfig(**overrides)
+        model_dir(config.model_store, config.model_name)  # refuse a traversal before anything starts
+    except (ValidationError, ModelStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(config), host=ns.host, port=ns.port, log_level=ns.log_level,
+                timeout_graceful_shutdown=30, timeout_keep_alive=5)
+    return 0

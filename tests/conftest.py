@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-from service.model import ClassifierConfig, EnhancedClassifier
+from service.core.model import ClassifierConfig, EnhancedClassifier
 
 
 @pytest.fixture
@@ -11,7 +11,7 @@ def tiny_config():
     """A small model on 1x28x28 images with a 32-slot memory."""
     def make(memory="cached", **kw):
         args = dict(backbone="small_resnet", num_classes=4, in_chans=1, image_size=28, memory=memory,
-                    memory_size=32, confidence_threshold=0.85) | kw
+                    memory_size=32) | kw
         return ClassifierConfig(**args)
     return make
 
@@ -29,7 +29,7 @@ def images():
     """The first 200 Fashion-MNIST test images as PNG bytes, with their class names."""
     from PIL import Image
 
-    from service.data import load_fashion_mnist
+    from service.core.data import load_fashion_mnist
 
     ds = load_fashion_mnist()
     out = []

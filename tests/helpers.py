@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.model import ClassifierConfig, EnhancedClassifier
-from service.store import InputSpec, save_model
+from service.core.model import ClassifierConfig, EnhancedClassifier
+from service.core.store import InputSpec, save_model
 
 CLASSES = ["zero", "one", "two", "three"]
 
@@ -31,7 +31,7 @@ def image_bytes(fmt="PNG", size=(28, 28), mode="L", seed=0, **save_kw) -> bytes:
 def save_tiny_model(store, name="tiny", memory="cached", memory_classes=6, prefill=8, **config):
     torch.manual_seed(0)
     cfg = ClassifierConfig(num_classes=4, in_chans=1, image_size=28, memory=memory, memory_size=16,
-                           memory_classes=memory_classes, confidence_threshold=0.85, **config)
+                           memory_classes=memory_classes, **config)
     model = EnhancedClassifier(cfg).eval()
     if model.memory is not None and prefill:
         with torch.no_grad():

@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.settings import ServiceConfig
+from service.web.app import create_app
+from service.web.settings import ServiceConfig
 from tests.corpus import BAD_FEEDBACK, BAD_PREDICT
 from tests.helpers import CLASSES, image_bytes, save_tiny_model
 
@@ -205,7 +205,7 @@ def test_openapi_documents_every_endpoint(client):
 
 
 def test_full_disk_gives_507_and_no_false_ack(client, monkeypatch):
-    import service.journal as journal
+    import service.serving.journal as journal
 
     before = memory_state(client)
 
@@ -259,16 +259,22 @@ def test_bad_feedback_is_refused_and_changes_nothing(client, name, kw, status):
     assert memory_state(client) == before
 
 
-@pytest.mark.parametrize("max_batch_size", [1, 32])
-def test_batched_and_unbatched_service_answer_alike_and_export_queue_time(make_client, max_batch_size):
-    client = make_client(max_batch_size=max_batch_size)
-    r = client.post("/predict", files=[("file", png(i)) for i in range(3)])
-    assert r.status_code == 200 and len(r.json()["predictions"]) == 3
-    fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-    count = {s.name: s.value for s in fams["batch_queue_duration_seconds"].samples}
-    assert count["batch_queue_duration_seconds_count"] == (1 if max_batch_size > 1 else 0)
-    sizes = {s.name: s.value for s in fams["batch_size_images"].samples}
-    assert sizes["batch_size_images_sum"] == 3
+def test_batched_and_unbatched_services_give_equal_answers_and_export_queue_time(make_client, tmp_path):
+    answers = {}
+    for max_batch_size in (1, 32):
+        client = make_client(max_batch_size=max_batch_size, state_dir=str(tmp_path / f"var-{max_batch_size}"))
+        r = client.post("/predict", files=[("file", png(i)) for i in range(3)])
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+        answers[max_batch_size] = r.json()["predictions"]
+        fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        count = {s.name: s.value for s in fams["batch_queue_duration_seconds"].samples}
+        assert count["batch_queue_duration_seconds_count"] == (1 if max_batch_size > 1 else 0)
+        sizes = {s.name: s.value for s in fams["batch_size_images"].samples}
+        assert sizes["batch_size_images_sum"] == 3
+    for alone, batched in zip(answers[1], answers[32]):
+        assert (alone["label"], alone["path"], alone["nearest"]["slot"]) == \
+            (batched["label"], batched["path"], batched["nearest"]["slot"])
+        assert alone["confidence"] == pytest.approx(batched["confidence"], abs=1e-5)
 
 
 @pytest.mark.parametrize("bad", [dict(max_batch_size=0), dict(max_batch_wait_ms=-1.0)])

@@ -27,7 +27,7 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_runs_as_non_root_with_healthcheck():
     text = (ROOT / "Dockerfile").read_text()
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
-    assert "COPY model_store" in text and "VOLUME" in text and "service.app:app" in text
+    assert "COPY model_store" in text and "VOLUME" in text and "service.web.app:app" in text
 
 
 def test_compose_file_is_valid():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.images import ImageError, ImageLimits, decode_image
-from service.store import InputSpec
+from service.core.preprocess import ImageError, ImageLimits, ImageTooLarge, decode_image
+from service.core.store import InputSpec
 from tests.helpers import animated_gif, bomb_png, exif_rotated_jpeg, image_bytes, nan_tiff
 
 GREY = InputSpec(image_size=28, in_chans=1, mean=[0.0], std=[1.0])
@@ -52,12 +52,13 @@ def test_animated_gif_gives_its_first_frame():
     assert x.max() == 0  # frame 1 is black; later frames are grey and white
 
 
-@pytest.mark.parametrize("data,status", [(b"", 422), (b"not an image", 422), (bomb_png(), 413),
-                                         (image_bytes()[:50], 422)])
-def test_refusals_carry_a_status(data, status):
-    with pytest.raises(ImageError) as e:
+@pytest.mark.parametrize("data,kind,code", [(b"", ImageError, "empty_file"), (b"not an image", ImageError, "not_an_image"),
+                                            (bomb_png(), ImageTooLarge, "image_too_large"),
+                                            (image_bytes()[:50], ImageError, "corrupt_image")])
+def test_refusals_name_their_kind_and_code(data, kind, code):
+    with pytest.raises(kind) as e:
         decode_image(data, GREY, ImageLimits(max_pixels=1_000_000))
-    assert e.value.status == status
+    assert e.value.code == code
 
 
 def test_nan_and_infinite_pixels_give_finite_input():

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from service.journal import FeedbackJournal, FeedbackRecord, JournalError
+from service.serving.journal import FeedbackJournal, FeedbackRecord, JournalError
 
 
 def rec(i, d=4):
@@ -33,7 +33,7 @@ def test_torn_last_record_is_recovered_up_to_the_last_whole_one(tmp_path, caplog
     else:
         last = rec(3).encode()
         path.write_bytes(data + last[:20] + b"X" + last[21:])
-    with caplog.at_level(logging.WARNING, logger="service.journal"):
+    with caplog.at_level(logging.WARNING, logger="service.serving.journal"):
         j2 = FeedbackJournal(path)
     assert [r.id for r in j2.records] == [1, 2]
     assert "recovered 2 records" in caplog.text
@@ -44,7 +44,7 @@ def test_torn_last_record_is_recovered_up_to_the_last_whole_one(tmp_path, caplog
 
 
 def test_failed_write_raises_and_leaves_no_partial_record(tmp_path, monkeypatch):
-    import service.journal as journal
+    import service.serving.journal as journal
 
     j = FeedbackJournal(tmp_path / "j.log")
     j.append([rec(1)])

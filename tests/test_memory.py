@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.memory import ADDED, EMPTY, MEMORIES, REPLACED, SKIPPED, create_memory
+from service.core.memory import ADDED, EMPTY, MEMORIES, REPLACED, SKIPPED, create_memory
 
 KINDS = sorted(MEMORIES)
 
@@ -21,7 +21,7 @@ def test_factory_names_valid_choices():
         create_memory("nope", capacity=2, feature_dim=2, num_classes=2)
 
 
-@pytest.mark.parametrize("bad", [dict(capacity=0), dict(temperature=0.0), dict(top_k=0),
+@pytest.mark.parametrize("bad", [dict(capacity=0), dict(temperature=0.0),
                                  dict(similarity_threshold=1.5)])
 def test_config_rejects_bad_values(bad):
     args = dict(capacity=2, feature_dim=2, num_classes=2) | bad
@@ -288,12 +288,11 @@ def test_teach_with_every_slot_protected_still_writes():
 
 
 def test_class_balance_lets_a_rare_class_outvote_a_common_one():
-    m = make("cached", capacity=101, dim=2, classes=3, top_k=5)
+    m = make("cached", capacity=101, dim=2, classes=3)
     common = F.normalize(torch.tensor([[1.0, 0.0]]) + 0.01 * torch.randn(100, 2), dim=-1)
     m.update(common, torch.zeros(100, dtype=torch.int64))
     m.update(F.normalize(torch.tensor([[1.0, 0.2]]), dim=-1), torch.tensor([2]))  # one example of class 2
     q = F.normalize(torch.tensor([[1.0, 0.15]]), dim=-1)  # nearest is the rare item, then four common ones
     assert m.retrieve(q).labels.item() == 0  # plain vote: four common neighbours win
-    m.config.class_balance = 1.0
-    r = m.retrieve(q)
+    r = m.retrieve(q, class_balance=1.0)
     assert r.labels.item() == 2 and r.class_scores[0, 2] > 0.5

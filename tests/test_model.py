@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from service.backbones import BUILTIN, create_backbone
-from service.memory import EMPTY, Retrieval
-from service.model import MEMORY_KINDS, ClassifierConfig, route_by_confidence
+from service.core.backbones import BUILTIN, create_backbone
+from service.core.memory import EMPTY, Retrieval
+from service.core.model import MEMORY_KINDS, ClassifierConfig
+from service.core.routing import RoutingPolicy, route
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
@@ -26,7 +27,6 @@ def test_unknown_backbone_names_the_choices():
 
 
 @pytest.mark.parametrize("bad,flag", [(dict(memory="lru"), "--memory"),
-                                      (dict(confidence_threshold=1.5), "--confidence"),
                                       (dict(memory_classes=2, num_classes=4), "--memory-classes")])
 def test_config_rejects_bad_combinations(bad, flag):
     with pytest.raises(ValueError, match=flag):
@@ -40,12 +40,29 @@ def retrieval(labels, conf):
 
 
 def test_routing_at_the_threshold_boundary():
-    head = torch.tensor([[0.1, 0.9, 0.0]] * 4)  # head says class 1
-    r = retrieval([2, 2, 2, EMPTY], [0.85, 0.8499, 1.0, 0.0])
-    labels, conf, used = route_by_confidence(r, head, 0.85)
-    assert used.tolist() == [True, False, True, False]  # >= threshold uses memory
-    assert labels.tolist() == [2, 1, 2, 1]
-    assert conf.tolist() == pytest.approx([0.85, 0.9, 1.0, 0.9])
+    used = route(torch.tensor([2, 2, 2, EMPTY]), torch.tensor([0.85, 0.8499, 1.0, 0.0]), RoutingPolicy(), 3)
+    assert used.tolist() == [True, False, True, False]  # >= threshold uses memory; an empty answer never
+
+
+@pytest.mark.parametrize("bad,flag", [(dict(confidence_threshold=1.5), "--confidence-threshold"),
+                                      (dict(new_class_threshold=-0.1), "--new-class-threshold"),
+                                      (dict(class_balance=-1.0), "--class-balance"), (dict(neighbours=0), "--neighbours")])
+def test_policy_rejects_bad_settings_naming_the_flag(bad, flag):
+    with pytest.raises(ValueError, match=flag):
+        RoutingPolicy(**bad)
+
+
+def test_finish_takes_memory_answers_where_routed_and_head_answers_elsewhere(tiny_model):
+    model = tiny_model("cached")
+    r = retrieval([2, 2, EMPTY], [0.9, 0.5, 0.0])
+    r.class_scores = torch.zeros(3, 4)
+    hidden = torch.randn(3, model.feature_dim)
+    p = model.finish(r, hidden, RoutingPolicy(confidence_threshold=0.85))
+    head = torch.softmax(model.head(hidden), -1)  # (3, 4)
+    assert p.paths == ["memory", "network", "network"]
+    assert p.labels[0] == 2 and p.confidence[0] == pytest.approx(0.9)
+    assert p.labels[1:].tolist() == head[1:].argmax(-1).tolist()
+    assert p.confidence[1:].tolist() == pytest.approx(head[1:].max(-1).values.tolist(), abs=1e-6)
 
 
 @pytest.mark.parametrize("memory", MEMORY_KINDS)
@@ -74,12 +91,16 @@ def test_stored_image_comes_back_from_memory(tiny_model, memory):
     assert p.class_scores.shape == (3, 6)
 
 
-def test_threshold_override_sends_everything_to_the_network(tiny_model):
+def test_a_policy_passed_to_predict_overrides_the_models_own(tiny_model):
     model = tiny_model("cached")
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         model.memory.update(model.backbone(x), torch.tensor([0, 1]))
-    assert model.predict(x, threshold=1.01).paths == ["network", "network"]
+    near = torch.randn(2, 1, 28, 28)  # other images: not exact matches of the stored items
+    model.policy = RoutingPolicy(confidence_threshold=0.0)
+    p = model.predict(near)
+    assert p.paths == ["memory", "memory"] and (p.confidence < 1).all()
+    assert model.predict(near, RoutingPolicy(confidence_threshold=1.0)).paths == ["network", "network"]
 
 
 # --- early exit -----------------------------------------------------------------------------
@@ -106,7 +127,7 @@ def test_early_exit_keys_train_and_route(tiny_model, memory, exit_stage):
     _, keys = model(x)
     model.memory.contrastive_loss(keys, torch.arange(6) % 4).backward()
     assert model.exit_proj.proj.weight.grad.abs().sum() > 0  # the contrastive loss trains the projection
-    p = model.predict(x, threshold=0.9)
+    p = model.predict(x, RoutingPolicy(confidence_threshold=0.9))
     assert p.paths[:3] == ["memory"] * 3  # stored images exit early, with their stored labels
     assert p.labels[:3].tolist() == [0, 1, 2]
 
@@ -117,10 +138,10 @@ def test_early_exit_batch_split_matches_one_at_a_time(tiny_model):
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         model.memory.update(model(x[::2])[1], torch.tensor([0, 1, 2, 3]))
-    batch = model.predict(x, threshold=0.9)
+    batch = model.predict(x, RoutingPolicy(confidence_threshold=0.9))
     assert batch.paths == ["memory", "network"] * 4
     for i in range(8):
-        one = model.predict(x[i:i + 1], threshold=0.9)
+        one = model.predict(x[i:i + 1], RoutingPolicy(confidence_threshold=0.9))
         assert one.labels.item() == batch.labels[i].item() and one.paths[0] == batch.paths[i]
         assert one.confidence.item() == pytest.approx(batch.confidence[i].item(), abs=1e-5)
 
@@ -150,6 +171,6 @@ def test_new_class_threshold_applies_only_to_classes_the_head_lacks(tiny_model):
     r = retrieval([5, 1], [0.6, 0.6])
     r.class_scores = torch.zeros(2, 6)
     hidden = torch.randn(2, model.feature_dim)
-    p = model.route(r, hidden, threshold=0.85, new_class_threshold=0.5)
+    p = model.finish(r, hidden, RoutingPolicy(confidence_threshold=0.85, new_class_threshold=0.5))
     assert p.paths == ["memory", "network"] and p.labels[0] == 5
-    assert model.route(r, hidden, threshold=0.85).paths == ["network", "network"]
+    assert model.finish(r, hidden, RoutingPolicy(confidence_threshold=0.85)).paths == ["network", "network"]

@@ -3,8 +3,8 @@ import sys
 
 
 def test_ml_core_does_not_import_the_web_stack():
-    code = ("import sys, service.memory, service.model, service.train, service.store, service.runtime, "
-            "service.journal, service.images, service.cli; "
+    code = ("import sys, service.core.memory, service.core.model, service.core.train, service.core.store, service.serving.runtime, "
+            "service.serving.journal, service.core.preprocess, service.cli; "
             "web = [m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client') if m in sys.modules]; "
             "print(web); sys.exit(1 if web else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -17,6 +17,6 @@ def test_cli_has_train_and_serve():
 
 
 def test_asgi_app_is_importable_for_uvicorn():
-    code = "import service.app as m; from fastapi import FastAPI; assert isinstance(m.app, FastAPI)"
+    code = "import service.web.app as m; from fastapi import FastAPI; assert isinstance(m.app, FastAPI)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.live import ROOT, Server, free_port
+from bench.live import ROOT, Server, free_port
 from tests.test_server import AUTH, TOKEN, predict
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.memory import create_memory
-from service.retrieval import exact_topk
+from service.core.memory import create_memory
+from service.core.retrieval import exact_topk
 
 
 def clustered(n, d, centers=50, seed=0):

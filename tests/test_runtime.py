@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from service.journal import JournalError
-from service.runtime import LabelError, ModelRuntime
+from service.serving.journal import JournalError
+from service.serving.runtime import ModelRuntime
+from service.serving.vocabulary import LabelError
 from tests.helpers import save_tiny_model
 
 
@@ -16,7 +17,7 @@ def make_runtime(tmp_path):
 
 def feats(rt, seed):
     g = torch.Generator().manual_seed(seed)
-    return rt.features(torch.randn(1, 1, 28, 28, generator=g))
+    return torch.randn(1, 1, 28, 28, generator=g)  # one image, as the runtime takes it
 
 
 def state(rt):
@@ -96,7 +97,7 @@ def test_early_exit_model_serves_feedback_from_the_memory_path(tmp_path):
     save_tiny_model(tmp_path / "store", exit_stage="stage1", exit_dim=16)
     rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(7))
-    rt.feedback(rt.features(x[:1]), "Novel")
+    rt.feedback(x[:1], "Novel")
     served = rt.predict(x)
     assert served.prediction.paths[0] == "memory" and rt.classes[served.prediction.labels[0]] == "Novel"
     assert served.feedback_ids[0] == 1 and served.prediction.timings_ms["head"] >= 0
@@ -107,7 +108,7 @@ def test_ivf_index_runtime_answers_feedback_like_exact(tmp_path):
     rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var", index="ivf", nprobe=4)
     assert rt.memory.index is not None and len(rt.memory.index) == rt.memory.size
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(5))
-    rt.feedback(rt.features(x), "Novel")
+    rt.feedback(x, "Novel")
     served = rt.predict(x)
     assert [rt.classes[i] for i in served.prediction.labels] == ["Novel"] * 3
     assert len(rt.memory.index) == rt.memory.size

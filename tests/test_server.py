@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.live import ROOT, Server, free_port
+from bench.live import ROOT, Server, free_port
 
 TOKEN = "server-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

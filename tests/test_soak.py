@@ -17,8 +17,8 @@ import httpx
 import torch
 from safetensors.torch import load_file
 
-from service.runtime import ModelRuntime
-from tests.live import ROOT, Server
+from service.serving.runtime import ModelRuntime
+from bench.live import ROOT, Server
 from tests.test_server import TOKEN
 
 CLIENTS = 32

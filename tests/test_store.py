@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from service.store import InputSpec, ModelStoreError, load_model, model_dir, save_model
+from service.core.routing import RoutingPolicy
+from service.core.store import InputSpec, ModelStoreError, load_model, model_dir, save_model
 
 SPEC = InputSpec(image_size=28, in_chans=1, mean=[0.5], std=[0.5])
 CLASSES = ["a", "b", "c", "d"]
@@ -24,7 +25,7 @@ def test_round_trip_gives_identical_predictions(saved):
     store, _, model = saved
     loaded = load_model(store, "m")
     x = torch.randn(8, 1, 28, 28)
-    a, b = model.predict(x, threshold=0.0), loaded.model.predict(x, threshold=0.0)
+    a, b = model.predict(x, RoutingPolicy(confidence_threshold=0.0)), loaded.model.predict(x, RoutingPolicy(confidence_threshold=0.0))
     assert torch.equal(a.labels, b.labels) and torch.equal(a.confidence, b.confidence)
     assert torch.equal(a.slot, b.slot) and a.paths == b.paths
     assert loaded.classes == CLASSES and loaded.input == SPEC
@@ -110,5 +111,5 @@ def test_early_exit_model_round_trips_with_its_exit_stage(tiny_model, tmp_path):
     manifest = json.loads((tmp_path / "ee" / "manifest.json").read_text())
     assert manifest["classifier"]["exit_stage"] == "stage2"
     loaded = load_model(tmp_path, "ee").model
-    a, b = model.predict(x, threshold=0.5), loaded.predict(x, threshold=0.5)
+    a, b = model.predict(x, RoutingPolicy(confidence_threshold=0.5)), loaded.predict(x, RoutingPolicy(confidence_threshold=0.5))
     assert loaded.exit_index == 1 and torch.equal(a.labels, b.labels) and a.paths == b.paths

@@ -3,10 +3,12 @@ import pytest
 import torch
 
 from service.cli import main
-from service.data import Dataset, Split, augment, keep_classes, load_dataset
-from service.model import ClassifierConfig
-from service.store import load_model
-from service.train import TrainConfig, make_optimizer, run_training, threshold_sweep, train_step, build_model
+from service.core.data import Dataset, Split, augment, carve_validation, keep_classes, load_dataset, stratified_indices
+from service.core.model import ClassifierConfig
+from service.core.store import load_model
+from service.core.routing import RoutingPolicy
+from service.core.train import (TrainConfig, build_model, choose_threshold, make_optimizer, run_training,
+                                threshold_sweep, train_step)
 
 
 def synthetic(n=256, classes=4, seed=0) -> Dataset:
@@ -42,8 +44,8 @@ def test_a_few_steps_lower_the_loss(memory):
 def test_run_training_writes_model_and_reports(tmp_path):
     ds = synthetic()
     tc = TrainConfig(name="syn", store=str(tmp_path), epochs=3, batch_size=32, progress=False, precision="fp32",
-                     flip=False, augment_pad=0, lr=0.1)
-    report = run_training(tc, ClassifierConfig(memory="cached", memory_size=64), ds)
+                     flip=False, augment_pad=0, lr=0.1, validation_size=64)
+    report = run_training(tc, ClassifierConfig(memory="cached", memory_size=64), ds=ds)
     assert len(report["history"]) == 3
     assert report["final"]["test_accuracy"] > 0.5
     assert [s["threshold"] for s in report["threshold_sweep"]][0] == 0.5
@@ -62,10 +64,50 @@ def test_run_training_writes_model_and_reports(tmp_path):
 def test_threshold_sweep_usage_falls_as_threshold_rises():
     preds = {"head": torch.tensor([0, 0, 0, 0]), "mem_label": torch.tensor([1, 1, 0, 1]),
              "mem_conf": torch.tensor([0.55, 0.75, 0.95, 0.99])}
-    sweep = threshold_sweep(preds, torch.tensor([1, 0, 0, 1]), [0.5, 0.7, 0.9, 0.999])
+    sweep = threshold_sweep(preds, torch.tensor([1, 0, 0, 1]), RoutingPolicy(), 4, [0.5, 0.7, 0.9, 0.999])
     assert [s["memory_usage"] for s in sweep] == [1.0, 0.75, 0.5, 0.0]
     assert sweep[0]["memory_path_accuracy"] == 0.75
     assert sweep[2]["memory_path_accuracy"] == 1.0
+
+
+def test_choose_threshold_takes_the_most_accurate_and_the_lowest_among_equals():
+    sweep = [{"threshold": 0.5, "accuracy": 0.8}, {"threshold": 0.6, "accuracy": 0.9},
+             {"threshold": 0.7, "accuracy": 0.9}, {"threshold": 0.8, "accuracy": 0.85}]
+    assert choose_threshold(sweep) == 0.6
+
+
+def test_stratified_subset_of_class_ordered_data_holds_every_class_in_proportion():
+    labels = torch.arange(10).repeat_interleave(100)  # stored class by class, like the CIFAR-10 zip
+    idx = stratified_indices(labels, 50, seed=1)
+    assert len(idx) == 50 and len(set(idx.tolist())) == 50
+    assert torch.bincount(labels[idx], minlength=10).tolist() == [5] * 10
+    assert not torch.equal(idx, stratified_indices(labels, 50, seed=2))  # seeded: another seed, another draw
+    assert torch.equal(idx, stratified_indices(labels, 50, seed=1))
+
+
+def test_validation_split_is_disjoint_from_training_and_reproducible():
+    labels = torch.arange(4).repeat(25)
+    split = Split(torch.arange(100).view(100, 1, 1, 1).to(torch.uint8), labels)
+    train, val, val_idx = carve_validation(split, 20, seed=0)
+    assert len(train.labels) == 80 and len(val.labels) == 20
+    assert not set(train.images.flatten().tolist()) & set(val.images.flatten().tolist())
+    assert torch.bincount(val.labels).tolist() == [5, 5, 5, 5]
+    assert torch.equal(val_idx, carve_validation(split, 20, seed=0)[2])
+
+
+def test_training_chooses_the_threshold_on_validation_and_saves_the_policy(tmp_path):
+    ds = synthetic()
+    tc = TrainConfig(name="syn", store=str(tmp_path), epochs=1, batch_size=32, progress=False, precision="fp32",
+                     validation_size=100)
+    report = run_training(tc, ClassifierConfig(memory="cached", memory_size=64),
+                          RoutingPolicy(class_balance=0.5, new_class_threshold=0.4), ds=ds)
+    sweep = report["threshold_sweep"]
+    chosen = report["routing"]["confidence_threshold"]
+    assert chosen == choose_threshold(sweep)
+    loaded = load_model(tmp_path, "syn")
+    assert loaded.policy == RoutingPolicy(confidence_threshold=chosen, class_balance=0.5, new_class_threshold=0.4)
+    assert loaded.manifest["data"]["validation_size"] == 100
+    assert loaded.manifest["data"]["train_size"] == len(ds.train.labels) - 100
 
 
 def test_augment_keeps_shape_and_content():
@@ -97,7 +139,7 @@ def test_cli_rejects_bad_flag_values(capsys):
 def test_cifar10_binary_batches_are_read_without_pickle(tmp_path):
     import numpy as np
 
-    from service.data import load_cifar10
+    from service.core.data import load_cifar10
 
     folder = tmp_path / "cifar-10-batches-bin"
     folder.mkdir()

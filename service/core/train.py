@@ -1,5 +1,9 @@
-"""The training experiment: train, evaluate per epoch, time inference, sweep the threshold,
-save the model and its reports to the store.
+"""The training experiment: train, evaluate per epoch, choose the routing threshold on the
+validation split, report on the test set, time inference, save the model and its reports.
+
+Splits: `validation_size` images (seeded, class-stratified) are carved out of the training
+set before training; they choose the confidence threshold (and per-epoch curves use them).
+The test set is evaluated once, at the end, with the chosen policy: it only reports.
 
     loss = cross_entropy(head(features), y) + memory_loss_weight * memory.contrastive_loss(features, y)
     after each step: memory.update(features, y)
@@ -18,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Dataset, augment, keep_classes, load_dataset, normalize
+from .data import Dataset, augment, carve_validation, keep_classes, load_dataset, normalize, stratified_indices, subset
 from .model import ClassifierConfig, EnhancedClassifier
-from .store import InputSpec, save_model
+from .routing import RoutingPolicy, route
+from .store import InputSpec, save_model, sha256_bytes
 
 SWEEP_THRESHOLDS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99]
 
@@ -61,10 +66,14 @@ class TrainConfig:
     """Training matmul precision: bf16, fp32, or auto (bf16 where the CPU has native support)."""
     seed: int = 0
     """Random seed."""
+    validation_size: int = 5000
+    """Training images held out (seeded, class-stratified) to choose the threshold; 0 = none."""
+    choose_threshold: bool = True
+    """Choose --confidence-threshold on the validation split (most accurate of the sweep); off: keep the flag."""
     limit_train: int | None = None
-    """Use only the first N training images (quick runs and tests)."""
+    """Train on a seeded, class-stratified subset of N images (quick runs and tests)."""
     limit_test: int | None = None
-    """Use only the first N test images."""
+    """Test on a seeded, class-stratified subset of N images."""
     progress: bool = True
     """Show tqdm progress bars."""
 
@@ -75,6 +84,11 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.memory_loss_weight < 0:
             raise ValueError(f"--memory-loss-weight must be >= 0, got {self.memory_loss_weight}")
+        if self.validation_size < 0:
+            raise ValueError(f"--validation-size must be >= 0, got {self.validation_size}")
+        if self.choose_threshold and self.validation_size == 0:
+            raise ValueError("--choose-threshold needs a validation split (--validation-size > 0); "
+                             "pass --no-choose-threshold to keep --confidence-threshold")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
 
@@ -93,28 +107,26 @@ class EvalResult:
 
 
 @torch.no_grad()
-def collect_predictions(model: EnhancedClassifier, images: torch.Tensor, mean, std, batch_size: int = 500
-                        ) -> dict[str, torch.Tensor]:
+def collect_predictions(model: EnhancedClassifier, images: torch.Tensor, mean, std, policy: RoutingPolicy,
+                        batch_size: int = 500) -> dict[str, torch.Tensor]:
     """Head and memory answers for every image (eval mode, fp32): the raw material of
-    evaluation and of the threshold sweep."""
+    evaluation and of the threshold sweep (which varies only the threshold, so the memory
+    is read once, with the policy's neighbours and class balance)."""
     model.eval()
     out: dict[str, list] = {"head": [], "mem_label": [], "mem_conf": []}
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
-        logits, features = model(x)
+        logits, keys = model(x)
+        r = model.retrieve(keys.float(), policy)
         out["head"].append(logits.argmax(-1))
-        if model.memory is not None and model.memory.size:
-            r = model.memory.retrieve(features.float())
-            out["mem_label"].append(r.labels)
-            out["mem_conf"].append(r.confidence)
-        else:
-            out["mem_label"].append(torch.full((len(x),), -1))
-            out["mem_conf"].append(torch.zeros(len(x)))
+        out["mem_label"].append(r.labels)
+        out["mem_conf"].append(r.confidence)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def route_scores(preds: dict[str, torch.Tensor], labels: torch.Tensor, threshold: float) -> EvalResult:
-    used = (preds["mem_conf"] >= threshold) & (preds["mem_label"] >= 0)
+def evaluate(preds: dict[str, torch.Tensor], labels: torch.Tensor, policy: RoutingPolicy,
+             head_classes: int) -> EvalResult:
+    used = route(preds["mem_label"], preds["mem_conf"], policy, head_classes)  # (N,)
     routed = torch.where(used, preds["mem_label"], preds["head"])
     mem_acc = (preds["mem_label"][used] == labels[used]).float().mean().item() if used.any() else float("nan")
     return EvalResult(accuracy=(routed == labels).float().mean().item(),
@@ -122,14 +134,20 @@ def route_scores(preds: dict[str, torch.Tensor], labels: torch.Tensor, threshold
                       memory_usage=used.float().mean().item(), memory_path_accuracy=mem_acc)
 
 
-def threshold_sweep(preds: dict[str, torch.Tensor], labels: torch.Tensor,
+def threshold_sweep(preds: dict[str, torch.Tensor], labels: torch.Tensor, policy: RoutingPolicy, head_classes: int,
                     thresholds: list[float] = SWEEP_THRESHOLDS) -> list[dict]:
-    return [{"threshold": t, **asdict(route_scores(preds, labels, t))} for t in thresholds]
+    return [{"threshold": t, **asdict(evaluate(preds, labels, policy.replace(confidence_threshold=t), head_classes))}
+            for t in thresholds]
+
+
+def choose_threshold(sweep: list[dict]) -> float:
+    """The sweep's most accurate threshold; among equals the lowest (the most memory answers)."""
+    best = max(s["accuracy"] for s in sweep)
+    return min(s["threshold"] for s in sweep if s["accuracy"] == best)
 
 
 @torch.no_grad()
-def evaluate_inference_speed(model: EnhancedClassifier, images: torch.Tensor, mean, std, n: int = 300,
-                             threshold: float | None = None) -> dict:
+def evaluate_inference_speed(model: EnhancedClassifier, images: torch.Tensor, mean, std, n: int = 300) -> dict:
     """Per-sample cost, one image at a time (the service's latency case): milliseconds of
     feature extraction, memory retrieval and head, and the median total by path."""
     model.eval()
@@ -138,7 +156,7 @@ def evaluate_inference_speed(model: EnhancedClassifier, images: torch.Tensor, me
     for i in range(min(n + 10, len(images))):
         x = normalize(images[i:i + 1], mean, std).contiguous(memory_format=torch.channels_last)
         t = time.perf_counter()
-        p = model.predict(x, threshold)
+        p = model.predict(x)
         total = 1e3 * (time.perf_counter() - t)
         if i < 10:  # warm-up
             continue
@@ -169,8 +187,8 @@ def _plot_training(history: list[dict], sweep: list[dict]) -> tuple[bytes, bytes
     ax[0, 1].plot(ep, [h["memory_loss"] for h in history], "o-", color="C2")
     ax[0, 1].set_title("memory (contrastive) loss")
     ax[1, 0].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train (head)")
-    ax[1, 0].plot(ep, [h["test_accuracy"] for h in history], "o-", label="test (routed)")
-    ax[1, 0].plot(ep, [h["test_head_accuracy"] for h in history], "o--", label="test (head only)")
+    ax[1, 0].plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation (routed)")
+    ax[1, 0].plot(ep, [h["val_head_accuracy"] for h in history], "o--", label="validation (head only)")
     ax[1, 0].set_title("accuracy")
     ax[1, 1].plot(ep, [h["memory_usage"] for h in history], "o-", label="memory-path share")
     ax[1, 1].plot(ep, [h["memory_fill"] for h in history], "o--", label="memory fill")
@@ -190,7 +208,7 @@ def _plot_training(history: list[dict], sweep: list[dict]) -> tuple[bytes, bytes
     a.plot(th, [s["accuracy"] for s in sweep], "o--", label="overall accuracy")
     a.set_xlabel("confidence threshold")
     a.legend()
-    a.set_title("threshold sweep (test set)")
+    a.set_title("threshold sweep (validation split)")
     fig.tight_layout()
     buf2 = io.BytesIO()
     fig.savefig(buf2, format="png", dpi=90)
@@ -252,15 +270,23 @@ def make_optimizer(model: EnhancedClassifier, tc: TrainConfig, total_steps: int)
     return opt, sched
 
 
-def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = None, save: bool = True) -> dict:
+def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | None = None,
+                 ds: Dataset | None = None, save: bool = True) -> dict:
     """The whole experiment; returns the report (also written beside the model)."""
+    policy = RoutingPolicy() if policy is None else policy
     torch.manual_seed(tc.seed)
     if ds is None:
         ds = load_dataset(tc.dataset, tc.data_dir, tc.download)
     if tc.exclude_classes:
         ds = keep_classes(ds, tc.exclude_classes)
-    train_x, train_y = ds.train.images[:tc.limit_train], ds.train.labels[:tc.limit_train]
-    test_x, test_y = ds.test.images[:tc.limit_test], ds.test.labels[:tc.limit_test]
+    train, val, val_idx = carve_validation(ds.train, tc.validation_size, tc.seed)
+    if tc.limit_train is not None:
+        train = subset(train, stratified_indices(train.labels, tc.limit_train, tc.seed))
+    test = ds.test if tc.limit_test is None else subset(ds.test, stratified_indices(ds.test.labels, tc.limit_test,
+                                                                                    tc.seed))
+    train_x, train_y, test_x, test_y = train.images, train.labels, test.images, test.labels
+    # per-epoch curves read the validation split; without one, the training images themselves
+    eval_x, eval_y = (val.images, val.labels) if len(val.labels) else (train_x, train_y)
     mean, std = ds.normalization()
     pad = tc.augment_pad if tc.augment_pad is not None else (0 if ds.image_size <= 28 else 4)
     bf16 = tc.use_bf16()
@@ -269,7 +295,8 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = Non
     steps_per_epoch = math.ceil(len(train_x) / tc.batch_size)
     opt, sched = make_optimizer(model, tc, tc.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(tc.seed)
-    print(f"training {tc.name}: {ds.name} ({len(train_x)} train / {len(test_x)} test, {len(ds.classes)} classes), "
+    print(f"training {tc.name}: {ds.name} ({len(train_x)} train / {len(val.labels)} validation / {len(test_x)} test, "
+          f"{len(ds.classes)} classes), "
           f"backbone {cc.backbone} (memory reads {cc.exit_stage}), memory {cc.memory} ({cc.memory_size}), "
           f"{tc.epochs} epochs, "
           f"batch {tc.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
@@ -293,8 +320,7 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = Non
             sums["correct"] += correct
             bar.set_postfix(ce=f"{ce:.3f}", mem=f"{mem:.3f}")
         train_time = time.perf_counter() - t0
-        preds = collect_predictions(model, test_x, mean, std)
-        ev = route_scores(preds, test_y, cc.confidence_threshold)
+        ev = evaluate(collect_predictions(model, eval_x, mean, std, policy), eval_y, policy, cc.num_classes)
         n = len(train_x)
         row = {
             "epoch": epoch,
@@ -302,8 +328,8 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = Non
             "ce_loss": sums["ce"] / n,
             "memory_loss": sums["mem"] / n,
             "train_accuracy": sums["correct"] / n,
-            "test_accuracy": ev.accuracy,
-            "test_head_accuracy": ev.head_accuracy,
+            "val_accuracy": ev.accuracy,
+            "val_head_accuracy": ev.head_accuracy,
             "memory_usage": ev.memory_usage,
             "memory_path_accuracy": ev.memory_path_accuracy,
             "memory_fill": (model.memory.size / model.memory.capacity) if model.memory is not None else 0.0,
@@ -312,17 +338,32 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = Non
         history.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    preds = collect_predictions(model, test_x, mean, std)
-    sweep = threshold_sweep(preds, test_y)
+    sweep = threshold_sweep(collect_predictions(model, eval_x, mean, std, policy), eval_y, policy, cc.num_classes)
+    if tc.choose_threshold:
+        policy = policy.replace(confidence_threshold=choose_threshold(sweep))
+        print(f"confidence threshold {policy.confidence_threshold} chosen on the validation split "
+              f"({len(val.labels)} images)", flush=True)
+    model.policy = policy
+    test = evaluate(collect_predictions(model, test_x, mean, std, policy), test_y, policy, cc.num_classes)
+    print(f"test (reported only): accuracy {test.accuracy:.4f} head {test.head_accuracy:.4f} "
+          f"memory usage {test.memory_usage:.4f} memory-path accuracy {test.memory_path_accuracy:.4f}", flush=True)
     speed = evaluate_inference_speed(model, test_x, mean, std)
     final = history[-1]
+    split = {"dataset": ds.name, "exclude_classes": list(tc.exclude_classes), "validation_size": len(val.labels),
+             "validation_seed": tc.seed, "validation_indices_sha256": sha256_bytes(val_idx.numpy().tobytes()),
+             "train_size": len(train_y), "test_size": len(test_y),
+             "threshold_chosen_on": "validation" if tc.choose_threshold else "given (--confidence-threshold)"}
     report = {
         "train_config": asdict(tc),
         "classifier": cc.to_dict(),
+        "routing": policy.to_dict(),
+        "data": split,
         "dataset": ds.name,
         "classes": ds.classes,
-        "final": {k: final[k] for k in ("test_accuracy", "test_head_accuracy", "memory_usage",
-                                        "memory_path_accuracy", "memory_fill", "train_accuracy")},
+        "final": {"test_accuracy": test.accuracy, "test_head_accuracy": test.head_accuracy,
+                  "memory_usage": test.memory_usage, "memory_path_accuracy": test.memory_path_accuracy,
+                  "val_accuracy": final["val_accuracy"], "memory_fill": final["memory_fill"],
+                  "train_accuracy": final["train_accuracy"]},
         "history": history,
         "threshold_sweep": sweep,
         "inference_speed": speed,
@@ -336,7 +377,7 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset | None = Non
                    "threshold_sweep.png": sweep_fig}
         model = model.to(memory_format=torch.contiguous_format)
         d = save_model(tc.store, tc.name, model, ds.classes, InputSpec(ds.image_size, ds.in_chans, mean, std),
-                       metrics=report["final"], reports=reports)
+                       metrics=report["final"], reports=reports, splits=split)
         print(f"saved {d}", flush=True)
     report["model"] = model
     return report

@@ -1,5 +1,6 @@
 """Bytes from a request -> the model's input tensor, with the limits that keep hostile
-uploads out. No web framework here: errors are `ImageError`s carrying an HTTP status."""
+uploads out. Errors are `ImageError`s with a machine-readable code; the web layer maps
+their kinds to HTTP statuses (service/web/errors.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,19 @@ ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 
 
 class ImageError(ValueError):
-    def __init__(self, status: int, code: str, message: str):
+    """The bytes are not a usable image (empty, not an image, truncated, corrupt)."""
+
+    def __init__(self, code: str, message: str):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.code, self.message = code, message
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the limit allows (checked from the header, before decoding)."""
+
+
+class UnsupportedImageFormat(ImageError):
+    """An image format outside ALLOWED_FORMATS."""
 
 
 @dataclass
@@ -39,16 +50,16 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
     to the model's channels.
     """
     if not data:
-        raise ImageError(422, "empty_file", "the uploaded file is empty")
+        raise ImageError("empty_file", "the uploaded file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if im.format not in ALLOWED_FORMATS:
-                raise ImageError(415, "unsupported_image_format", f"image format {im.format} is not accepted")
+                raise UnsupportedImageFormat("unsupported_image_format", f"image format {im.format} is not accepted")
             if w < 1 or h < 1 or w * h > limits.max_pixels or max(w, h) > limits.max_side:
-                raise ImageError(413, "image_too_large", f"image of {w}x{h} pixels exceeds the limit of "
+                raise ImageTooLarge("image_too_large", f"image of {w}x{h} pixels exceeds the limit of "
                                  f"{limits.max_pixels} pixels / {limits.max_side} per side")
             im.seek(0)
             im.load()
@@ -59,10 +70,10 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         if isinstance(e, UnidentifiedImageError):
-            raise ImageError(422, "not_an_image", "the file is not an image Pillow can read") from e
-        raise ImageError(413, "image_too_large", f"decompression bomb refused: {e}") from e
+            raise ImageError("not_an_image", "the file is not an image Pillow can read") from e
+        raise ImageTooLarge("image_too_large", f"decompression bomb refused: {e}") from e
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise ImageError(422, "corrupt_image", f"the image could not be decoded: {e}") from e
+        raise ImageError("corrupt_image", f"the image could not be decoded: {e}") from e
     arr = np.asarray(im, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr.copy())
     x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)

@@ -1,4 +1,4 @@
-"""A real `python -m service serve` process on a free loopback port (tests and benchmarks)."""
+"""A real `python -m service serve` process on a free loopback port (benchmarks and tests)."""
 
 import os
 import signal

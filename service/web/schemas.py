@@ -70,6 +70,10 @@ class MemoryResponse(BaseModel):
     label_space: int = 0
     last_snapshot_time: float | None = None
     last_feedback_id: int = 0
+    policy: dict = Field(default_factory=dict, description="the routing policy in force (manifest + overrides)")
+    policy_overrides: dict = Field(default_factory=dict, description="policy fields set at serve time")
+    state_hash: str = Field("", description="sha256 of the memory state: equal across processes exactly when "
+                                            "their memories are")
 
 
 class SnapshotResponse(BaseModel):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger("service.journal")
+log = logging.getLogger(__name__)
 
 
 class JournalError(OSError):

@@ -26,8 +26,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .model import ClassifierConfig, EnhancedClassifier
+from .routing import RoutingPolicy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the routing policy has its own section (1 kept it in the classifier's)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -49,6 +50,10 @@ class LoadedModel:
     classes: list[str]
     input: InputSpec
     manifest: dict = field(repr=False)
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self.model.policy
 
     @property
     def name(self) -> str:
@@ -103,7 +108,7 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_model(store: str | Path, name: str, model: EnhancedClassifier, classes: list[str], input_spec: InputSpec,
-               metrics: dict | None = None, reports: dict[str, bytes] | None = None) -> Path:
+               metrics: dict | None = None, reports: dict[str, bytes] | None = None, splits: dict | None = None) -> Path:
     """Write the model to `<store>/<name>/`; returns that folder."""
     d = model_dir(store, name)
     state = model.state_dict()
@@ -128,6 +133,8 @@ def save_model(store: str | Path, name: str, model: EnhancedClassifier, classes:
         "classes": list(classes),
         "input": vars(input_spec),
         "classifier": model.config.to_dict(),
+        "routing": model.policy.to_dict(),
+        "data": splits or {},
         "metrics": metrics or {},
         "artifacts": artifacts,
     }
@@ -146,9 +153,14 @@ def read_manifest(d: Path) -> dict:
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelStoreError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelStoreError(f"{path}: format_version is not {FORMAT_VERSION}")
-    for key in ("name", "version", "classes", "input", "classifier", "artifacts"):
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in (1, FORMAT_VERSION):
+        raise ModelStoreError(f"{path}: format_version is not 1 or {FORMAT_VERSION}")
+    if manifest["format_version"] == 1 and isinstance(manifest.get("classifier"), dict):
+        # version 1 kept the threshold and the voting neighbours among the classifier settings
+        c = manifest["classifier"] = dict(manifest["classifier"])
+        manifest["routing"] = {"confidence_threshold": c.pop("confidence_threshold", 0.85),
+                               "neighbours": c.pop("top_k", 5)}
+    for key in ("name", "version", "classes", "input", "classifier", "routing", "artifacts"):
         if key not in manifest:
             raise ModelStoreError(f"{path}: field {key!r} missing")
     return manifest
@@ -176,9 +188,11 @@ def load_model(store: str | Path, name: str) -> LoadedModel:
     try:
         config = ClassifierConfig(**manifest["classifier"])
         input_spec = InputSpec(**manifest["input"])
+        policy = RoutingPolicy.from_dict(manifest["routing"])
     except (TypeError, ValueError) as e:
-        raise ModelStoreError(f"{d / 'manifest.json'}: bad classifier or input settings ({e})") from e
+        raise ModelStoreError(f"{d / 'manifest.json'}: bad classifier, input or routing settings ({e})") from e
     model = EnhancedClassifier(config)
+    model.policy = policy
     state: dict[str, torch.Tensor] = {}
     for fname in manifest["artifacts"]:
         if not fname.endswith(".safetensors"):

@@ -202,6 +202,39 @@ def keep_classes(ds: Dataset, exclude: list[str]) -> Dataset:
     return Dataset(ds.name, split(ds.train), split(ds.test), kept)
 
 
+def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`n` indices drawn without replacement, seeded, with every class in proportion to its
+    share of `labels` (largest remainders get the leftover places); sorted. Data sets stored
+    class by class (the CIFAR-10 zip) get every class, not the first one."""
+    N = len(labels)
+    if n >= N:
+        return torch.arange(N)
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * n / N
+    take = exact.floor().long()
+    short = n - int(take.sum())
+    take[(exact - take).argsort(descending=True)[:short]] += 1  # largest remainders
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = (labels == c).nonzero().squeeze(1)
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(picked).sort().values
+
+
+def subset(split: Split, indices: torch.Tensor) -> Split:
+    return Split(split.images[indices], split.labels[indices])
+
+
+def carve_validation(train: Split, size: int, seed: int) -> tuple[Split, Split, torch.Tensor]:
+    """(train without the validation images, validation, validation indices into `train`):
+    a seeded class-stratified split, reproducible from (size, seed) and the data set."""
+    val_idx = stratified_indices(train.labels, size, seed) if size > 0 else torch.zeros(0, dtype=torch.int64)
+    keep = torch.ones(len(train.labels), dtype=torch.bool)
+    keep[val_idx] = False
+    return subset(train, keep.nonzero().squeeze(1)), subset(train, val_idx), val_idx
+
+
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
     m = torch.tensor(mean).view(1, -1, 1, 1)

@@ -13,7 +13,7 @@ slot's key and class distribution are read and in the replacement rule when full
 Definitions (also in the README):
 - A slot's *class distribution* is its value row clamped at 0 and normalised to sum 1
   (cached: the one-hot of its label).
-- Retrieval takes the `top_k` most similar filled slots, weights them by
+- Retrieval takes the `k` most similar filled slots (the routing policy's `neighbours`), weights them by
   softmax(similarity / temperature) and sums their class distributions into a vote.
   `confidence = vote[winner] * max(0, similarity of the nearest slot)`: agreement of the
   neighbours times how close the nearest one is, so a far-away query is never confident.
@@ -31,8 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .retrieval import IVFIndex, exact_topk
-
-EMPTY = -1
+from .routing import EMPTY
 EXACT_MATCH = 0.9999  # cosine similarity above which a stored item is the query itself
 
 # actions in UpdateReport.action
@@ -53,11 +52,6 @@ class MemoryConfig:
     (1.0: only exact duplicates are skipped, which keeps the memory fresh as training moves features)."""
     temperature: float = 0.1
     """Softmax temperature of retrieval weights and of the contrastive loss."""
-    top_k: int = 5
-    """Neighbours that vote in retrieval."""
-    class_balance: float = 0.0
-    """Vote weight of a neighbour times (mean items per held class / items of its class) ** this: 0 = plain
-    vote; > 0 lets a class taught with a few examples outvote a class held thousands of times."""
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -70,10 +64,6 @@ class MemoryConfig:
             raise ValueError(f"--similarity-threshold must be in [-1, 1], got {self.similarity_threshold}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.class_balance < 0:
-            raise ValueError(f"--class-balance must be >= 0, got {self.class_balance}")
 
 
 @dataclass
@@ -173,9 +163,12 @@ class Memory(nn.Module):
         self.index = IVFIndex(keys, self.filled(), nlist=nlist, nprobe=nprobe)
         return self.index
 
-    def retrieve(self, features: torch.Tensor, k: int | None = None) -> Retrieval:
-        """Nearest filled slots of each query and the neighbours' vote; see module docstring."""
-        k = min(k or self.config.top_k, self.capacity)
+    def retrieve(self, features: torch.Tensor, k: int = 5, class_balance: float = 0.0) -> Retrieval:
+        """Nearest filled slots of each query and the neighbours' vote; see module docstring.
+        `class_balance` > 0 weighs each neighbour by (mean items per held class / items of its
+        class) ** class_balance, so a class taught with a few examples can outvote one held
+        thousands of times (both come from the RoutingPolicy)."""
+        k = min(k, self.capacity)
         top_sim, top_slot = self.search(features, k)  # (B, k)
         valid = torch.isfinite(top_sim)  # (B, k) False where fewer than k slots are filled
         top_slot = top_slot.masked_fill(~valid, EMPTY)
@@ -183,9 +176,9 @@ class Memory(nn.Module):
         weights = torch.softmax(top_sim / self.config.temperature, dim=-1)  # (B, k)
         weights = torch.nan_to_num(weights, nan=0.0)  # a row of all -inf (empty memory) gives NaN
         dist = self.class_distribution(top_slot.clamp_min(0))  # (B, k, C)
-        if self.config.class_balance > 0:
+        if class_balance > 0:
             counts = self.class_counts().float()  # (C,)
-            prior = (counts[counts > 0].mean() / counts.clamp_min(1)) ** self.config.class_balance  # (C,)
+            prior = (counts[counts > 0].mean() / counts.clamp_min(1)) ** class_balance  # (C,)
             weights = weights * (dist @ prior)  # (B, k): each neighbour by its class's weight
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         votes = (weights.unsqueeze(-1) * dist).sum(1)  # (B, C)

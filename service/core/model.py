@@ -3,8 +3,8 @@
     images (B, C, H, W) -> backbone stages up to the exit -> hidden (B, C', H', W')
         hidden -> keys (B, D): the pooled features (exit "final") or a small projection
         keys -> memory.retrieve -> memory label, confidence (B,)
-        confidence >= threshold ? memory label (memory path: stops here)
-                                : rest of the backbone -> head (network path)
+        routing.route(policy) ? memory label (memory path: stops here)
+                              : rest of the backbone -> head (network path)
 
 With `exit_stage="final"` the memory reads the backbone's last features and both paths
 cost the whole backbone. With an earlier exit ("stage1", ...) the memory path skips the
@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
 from .backbones import create_backbone
-from .memory import EMPTY, MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
+from .memory import MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
+from .routing import EMPTY, RoutingPolicy, route
 
 MEMORY_KINDS = ("none", *MEMORIES)
 
@@ -44,14 +46,10 @@ class ClassifierConfig:
     """Memory capacity in items."""
     memory_classes: int | None = None
     """Label space of the memory (>= num_classes; room for classes taught by feedback). Default num_classes."""
-    confidence_threshold: float = 0.85
-    """The memory's answer is used when its confidence reaches this."""
     similarity_threshold: float = 1.0
     """A full memory replaces an item only for an example less similar than this to every item (1.0: always)."""
     temperature: float = 0.1
     """Softmax temperature of retrieval and of the contrastive loss."""
-    top_k: int = 5
-    """Memory neighbours that vote."""
     exit_stage: str = "final"
     """Backbone stage the memory reads: final (the pooled features) or stage1, stage2, ... (early exit)."""
     exit_dim: int = 128
@@ -64,8 +62,6 @@ class ClassifierConfig:
             self.memory_classes = self.num_classes
         if self.memory_classes < self.num_classes:
             raise ValueError(f"--memory-classes ({self.memory_classes}) must be >= num_classes ({self.num_classes})")
-        if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(f"--confidence-threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
         if self.exit_stage != "final" and not re.fullmatch(r"stage[1-9]", self.exit_stage):
@@ -82,8 +78,7 @@ class ClassifierConfig:
 
     def memory_config(self, feature_dim: int) -> MemoryConfig:
         return MemoryConfig(capacity=self.memory_size, feature_dim=feature_dim, num_classes=self.memory_classes,
-                            similarity_threshold=self.similarity_threshold, temperature=self.temperature,
-                            top_k=self.top_k)
+                            similarity_threshold=self.similarity_threshold, temperature=self.temperature)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,17 +103,6 @@ class Prediction:
         """These rows of a batch's prediction (timings stay those of the whole batch)."""
         return Prediction(self.labels[rows], self.confidence[rows], self.used_memory[rows], self.class_scores[rows],
                           self.slot[rows], self.similarity[rows], dict(self.timings_ms))
-
-
-def route_by_confidence(memory: Retrieval, head_probs: torch.Tensor, threshold: float | torch.Tensor
-                        ) -> tuple[torch.Tensor, ...]:
-    """Memory answer where its confidence >= threshold (a float, or (B,) per sample), else
-    the head's. Returns labels, confidence, used_memory, all (B,)."""
-    used_memory = (memory.confidence >= threshold) & (memory.labels != EMPTY)  # (B,)
-    head_conf, head_labels = head_probs.max(-1)  # (B,)
-    labels = torch.where(used_memory, memory.labels, head_labels)
-    confidence = torch.where(used_memory, memory.confidence, head_conf)
-    return labels, confidence, used_memory
 
 
 class ExitProjection(nn.Module):
@@ -159,6 +143,9 @@ class EnhancedClassifier(nn.Module):
             self.exit_proj = ExitProjection(probe.shape[1], config.exit_dim)
             key_dim = config.exit_dim
         self.key_dim = key_dim
+        # how predictions are routed: set by training (chosen on its validation split) and
+        # by the model store from the manifest; configuration, not a tensor, so not in state_dict
+        self.policy = RoutingPolicy()
         self.memory: Memory | None = None
         if config.memory != "none":
             mc = config.memory_config(key_dim)
@@ -194,48 +181,46 @@ class EnhancedClassifier(nn.Module):
         return self.network_logits(hidden), keys
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, threshold: float | None = None) -> Prediction:
-        """Route each image through memory or network; see the module docstring."""
+    def predict(self, images: torch.Tensor, policy: RoutingPolicy | None = None,
+                read_memory: Callable[[torch.Tensor, RoutingPolicy], Retrieval] | None = None) -> Prediction:
+        """Route each image through memory or network; see the module docstring. `read_memory`
+        replaces `self.retrieve` (the service wraps it in its memory lock)."""
+        policy = self.policy if policy is None else policy
         t0 = time.perf_counter()
-        keys, hidden = self.embed(images)
+        keys, hidden = self.embed(images)  # (B, D), the exit's activations
         t1 = time.perf_counter()
-        r = self.retrieve(keys.float())
-        p = self.route(r, hidden, threshold)
-        p.timings_ms["features"] = 1e3 * (t1 - t0)
-        p.timings_ms["memory"] = 1e3 * (time.perf_counter() - t1) - p.timings_ms["head"]
+        r = (read_memory or self.retrieve)(keys.float(), policy)
+        t2 = time.perf_counter()
+        p = self.finish(r, hidden, policy)
+        p.timings_ms.update(features=1e3 * (t1 - t0), memory=1e3 * (t2 - t1))
         return p
 
     @torch.no_grad()
-    def retrieve(self, keys: torch.Tensor) -> Retrieval:
-        """The memory's answer for (B, D) keys (an empty answer without memory). The service
-        holds its memory lock around this, and only this."""
+    def retrieve(self, keys: torch.Tensor, policy: RoutingPolicy | None = None) -> Retrieval:
+        """The memory's answer for (B, D) keys (an empty answer without memory)."""
+        policy = self.policy if policy is None else policy
         B = keys.shape[0]
         if self.memory is not None and self.memory.size > 0:
-            return self.memory.retrieve(keys)
+            return self.memory.retrieve(keys, policy.neighbours, policy.class_balance)
         return Retrieval(labels=torch.full((B,), EMPTY), confidence=torch.zeros(B),
                          slots=torch.full((B, 1), EMPTY), similarity=torch.full((B, 1), float("-inf")),
                          class_scores=torch.zeros(B, self.config.memory_classes))
 
     @torch.no_grad()
-    def route(self, r: Retrieval, hidden: torch.Tensor, threshold: float | None = None,
-              new_class_threshold: float | None = None) -> Prediction:
-        """Memory answer where confident; the rest of the network (one batched call) for the others.
-        `new_class_threshold` applies where the memory's answer is a class the head does not
-        have (taught by feedback): the head can never give that answer, so waiting for the
-        usual confidence only hands the sample to a head that is sure to be wrong."""
-        threshold = self.config.confidence_threshold if threshold is None else threshold
+    def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy) -> Prediction:
+        """Memory answer where `route` says so; the rest of the network (one batched call) for the others."""
         B, C = r.labels.shape[0], self.config.memory_classes
-        if new_class_threshold is not None:
-            threshold = torch.where(r.labels >= self.config.num_classes, new_class_threshold, threshold)  # (B,)
         t2 = time.perf_counter()
-        used_memory = (r.confidence >= threshold) & (r.labels != EMPTY)  # (B,)
+        used_memory = route(r.labels, r.confidence, policy, self.config.num_classes)  # (B,)
         probs = torch.zeros(B, C)
         net = (~used_memory).nonzero().squeeze(1)
         if net.numel():
             head_logits = self.network_logits(hidden[net]).float()  # (N, num_classes)
             probs[net, : self.config.num_classes] = torch.softmax(head_logits, -1)
         t3 = time.perf_counter()
-        labels, confidence, used_memory = route_by_confidence(r, probs, threshold)
+        head_conf, head_labels = probs.max(-1)  # (B,)
+        labels = torch.where(used_memory, r.labels, head_labels)
+        confidence = torch.where(used_memory, r.confidence, head_conf)
         scores = torch.where(used_memory.unsqueeze(-1), r.class_scores, probs)
         nearest_slot = r.slots[:, 0]
         similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], torch.zeros(B))

@@ -1,0 +1,94 @@
+"""The HTTP service: the app factory and its lifespan (load, warm up, serve, snapshot on the
+way out). Endpoints are in routers.py, request parsing in requests.py, errors in errors.py.
+`uvicorn service.web.app:app` serves the app configured from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from ..serving.runtime import ModelRuntime
+from .errors import install_error_handlers
+from .middleware import LimitsAndMetrics
+from .routers import router
+from .settings import ServiceConfig
+from .state import AppState
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    state: AppState = app.state.service
+    cfg = state.config
+    state.runtime = rt = await state.on_model_thread(
+        lambda: ModelRuntime(cfg.model_store, cfg.model_name, cfg.state_dir, cfg.policy_overrides(),
+                             cfg.memory_index, cfg.index_nprobe, cfg.protect_feedback))
+    spec = rt.loaded.input
+    await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
+    state.metrics.model_info.info({"name": rt.loaded.name, "version": rt.loaded.version,
+                                   "memory_kind": rt.model.config.memory,
+                                   "threshold": str(rt.policy.confidence_threshold),
+                                   "policy": json.dumps(rt.policy.to_dict(), sort_keys=True),
+                                   "policy_overrides": json.dumps(rt.overrides, sort_keys=True)})
+    state.update_memory_gauges()
+    state.start_batcher()
+    state.ready = True
+    log.info("ready: model %s version %s, policy %s", rt.loaded.name, rt.loaded.version, rt.policy)
+    task = asyncio.create_task(_periodic_snapshots(state)) if cfg.snapshot_interval > 0 else None
+    try:
+        yield
+    finally:
+        state.ready = False
+        if task:
+            task.cancel()
+        if state.batcher is not None:
+            await state.batcher.stop()
+        if rt.memory is not None:
+            try:
+                await state.on_model_thread(rt.snapshot)
+                log.info("shutdown snapshot written")
+            except OSError as e:
+                log.error("shutdown snapshot failed: %s", e)
+        rt.close()
+        state.model_thread.shutdown(wait=True)
+
+
+def create_app(config: ServiceConfig | None = None) -> FastAPI:
+    """The app; `config` defaults to ServiceConfig() read from the environment."""
+    config = config or ServiceConfig()
+    app = FastAPI(title="Memory-augmented image classifier", version="0.2.0", lifespan=lifespan,
+                  description="Predicts image classes through a feature memory or the network head; "
+                              "labelled feedback updates the memory online.")
+    app.state.service = state = AppState(config)
+    app.add_middleware(LimitsAndMetrics, max_body=config.max_upload_bytes, metrics=state.metrics,
+                       body_timeout=config.body_timeout)
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+async def _periodic_snapshots(state: AppState) -> None:
+    while True:
+        await asyncio.sleep(state.config.snapshot_interval)
+        rt = state.runtime
+        if rt is not None and rt.dirty:
+            try:
+                await state.on_model_thread(rt.snapshot)
+            except OSError as e:
+                log.error("periodic snapshot failed: %s", e)
+
+
+def __getattr__(name: str):
+    # `service.web.app:app` for uvicorn and the Dockerfile, built on first access so that
+    # importing this module (tests, create_app) reads no environment
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

@@ -1,0 +1,143 @@
+"""The endpoints: thin, each reads its request, hands the work to the runtime (off the event
+loop) and shapes the answer. Dependencies read the app's state from `request.app.state`."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from ..serving.runtime import ModelRuntime, Served
+from .errors import STATUSES, ApiError
+from .requests import decode_batch, read_images
+from .schemas import (ClassScore, ErrorBody, FeedbackItem, FeedbackResponse, Health, ImagePrediction,
+                      MemoryResponse, NearestItem, PredictJSON, PredictResponse, SnapshotResponse)
+from .state import AppState
+
+ERRORS = {s: {"model": ErrorBody} for s in STATUSES}
+_bearer = HTTPBearer(auto_error=False)
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.service
+
+
+def runtime(state: AppState = Depends(app_state)) -> ModelRuntime:
+    if not state.ready or state.runtime is None:
+        raise ApiError(503, "not_ready", "the model is not loaded yet")
+    return state.runtime
+
+
+def require_token(state: AppState = Depends(app_state),
+                  creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    token = state.config.api_token
+    if token is None:
+        raise ApiError(403, "writes_disabled", "API_TOKEN is not set on the server: feedback and snapshots "
+                                               "are refused")
+    if creds is None:
+        raise ApiError(401, "missing_token", "send Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+        raise ApiError(403, "invalid_token", "the bearer token is not valid")
+
+
+_file_array = {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _file_array}}},
+    "application/json": {"schema": PredictJSON.model_json_schema()}}}}
+FEEDBACK_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file", "label"], "properties": {
+        "file": _file_array,
+        "label": {"type": "string", "description": "class name or index; a new name teaches a new class"}}}}}}}
+
+router = APIRouter()
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
+async def predict(request: Request, state: AppState = Depends(app_state),
+                  rt: ModelRuntime = Depends(runtime)) -> PredictResponse:
+    t0 = time.perf_counter()
+    files = await read_images(request, state.config, allow_json=True)
+    batch, decode_s = await decode_batch(files, rt.loaded.input, state.config)
+    served, batch_size = await state.predict(batch)
+    return predict_response(rt, served, decode_s, time.perf_counter() - t0, state, batch_size)
+
+
+@router.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, openapi_extra=FEEDBACK_BODY,
+             dependencies=[Depends(require_token)])
+async def feedback(request: Request, state: AppState = Depends(app_state),
+                   rt: ModelRuntime = Depends(runtime)) -> FeedbackResponse:
+    files, label = await read_images(request, state.config, allow_json=False, label_field=True)
+    is_new = rt.check_label(label)  # early, clear refusal before decoding; checked again under the lock
+    batch, _ = await decode_batch(files, rt.loaded.input, state.config)
+    outcomes = await state.on_model_thread(rt.feedback, batch, label, state.metrics.journal_latency.observe)
+    for o in outcomes:
+        state.metrics.feedback.labels(o.action).inc()
+    state.update_memory_gauges()
+    return FeedbackResponse(new_class=is_new, items=[
+        FeedbackItem(feedback_id=o.feedback_id, action=o.action, slot=o.slot, replaced_label=o.previous_label,
+                     label=o.label, label_index=o.label_index) for o in outcomes])
+
+
+@router.get("/memory", response_model=MemoryResponse, responses=ERRORS)
+async def memory(rt: ModelRuntime = Depends(runtime)) -> MemoryResponse:
+    # memory_info takes the memory lock: in the thread pool, so the event loop never waits for it
+    return MemoryResponse(**await run_in_threadpool(rt.memory_info))
+
+
+@router.post("/memory/snapshot", response_model=SnapshotResponse, responses=ERRORS,
+             dependencies=[Depends(require_token)])
+async def snapshot(state: AppState = Depends(app_state), rt: ModelRuntime = Depends(runtime)) -> SnapshotResponse:
+    if rt.memory is None:
+        raise ApiError(422, "no_memory", "this model has no memory to snapshot")
+    try:
+        path = await state.on_model_thread(rt.snapshot)
+    except OSError as e:
+        raise ApiError(507, "snapshot_failed", f"snapshot not written: {e}")
+    return SnapshotResponse(file=path.name, last_feedback_id=rt.stats.last_snapshot_id,
+                            time=rt.stats.last_snapshot_time)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: AppState = Depends(app_state)) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="alive")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorBody}})
+async def readyz(rt: ModelRuntime = Depends(runtime)) -> Health:
+    return Health(status="ready", model=rt.loaded.name, model_version=rt.loaded.version)
+
+
+def predict_response(rt: ModelRuntime, served: Served, decode_s: list[float], total_s: float, state: AppState,
+                     batch_size: int) -> PredictResponse:
+    p = served.prediction
+    known = len(rt.classes)
+    scores = p.class_scores[:, :known]  # (B, known)
+    top_scores, top_idx = scores.topk(min(state.config.top_k, known), dim=-1)  # (B, k)
+    m = state.metrics
+    items = []
+    for i in range(len(p.labels)):
+        label, path = int(p.labels[i]), p.paths[i]
+        nearest = None
+        if int(p.slot[i]) >= 0:
+            nearest = NearestItem(slot=int(p.slot[i]), label=served.nearest_labels[i] or "",
+                                  similarity=float(p.similarity[i]), feedback_id=served.feedback_ids[i])
+        items.append(ImagePrediction(
+            label=rt.class_name(label), label_index=label, confidence=float(p.confidence[i]), path=path,
+            top_k=[ClassScore(label=rt.class_name(int(j)), label_index=int(j), score=float(s))
+                   for s, j in zip(top_scores[i].tolist(), top_idx[i].tolist())],
+            nearest=nearest, latency_ms=1e3 * total_s))
+        m.predictions.labels(path, rt.class_name(label)).inc()
+        m.stage_latency.labels("decode", path).observe(decode_s[i])
+        for stage in ("features", "memory", "head"):
+            m.stage_latency.labels(stage, path).observe(p.timings_ms[stage] / 1e3 / batch_size)
+    return PredictResponse(model=rt.loaded.name, model_version=rt.loaded.version, predictions=items)

@@ -1,0 +1,57 @@
+"""Service settings: environment variables (upper-case field names), or `python -m service
+serve` flags of the same names, which take precedence. Each field's description is its --help."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", protected_namespaces=(),
+                                      validate_default=True)
+
+    model_store: str = Field("model_store", description="folder of trained models")
+    model_name: str = Field("fashion-mnist", description="the model to serve (a folder name inside the store)")
+    api_token: str | None = Field(None, description="bearer token for writes (/feedback, /memory/snapshot); "
+                                                    "unset = writes refused")
+    state_dir: str = Field("var", description="folder for the feedback journal and memory snapshots")
+    # explicit overrides of the model's routing policy (manifest.json "routing"; unset = the model's)
+    confidence_threshold: float | None = Field(None, ge=0, le=1, description="override the model's memory "
+                                               "confidence threshold")
+    new_class_threshold: float | None = Field(None, ge=0, le=1, description="override the confidence enough for "
+                                              "a class the head lacks (taught by feedback)")
+    class_balance: float | None = Field(None, ge=0, description="override the class-balance exponent of the "
+                                        "memory's vote (0 = plain vote)")
+    neighbours: int | None = Field(None, ge=1, description="override the number of memory items that vote")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height (413 above)")
+    max_files: int = Field(64, ge=1, description="most images in one request")
+    body_timeout: float = Field(30.0, gt=0, description="seconds to wait for the next chunk of a request body "
+                                                        "(408 after)")
+    snapshot_interval: float = Field(300.0, ge=0, description="seconds between periodic memory snapshots "
+                                                              "(0 = only on demand and shutdown)")
+    top_k: int = Field(5, ge=1, description="classes listed with scores in each prediction")
+    protect_feedback: bool = Field(True, description="user-taught items are replaced only when nothing else "
+                                                     "is left")
+    memory_index: Literal["exact", "ivf"] = Field("exact", description="memory search: exact (chunked matrix "
+                                                  "product) or ivf (faiss IVF index, approximate)")
+    index_nprobe: int = Field(16, ge=1, description="IVF cells scanned per query (more: better recall, slower)")
+    max_batch_size: int = Field(32, description="most images the dynamic batcher runs together (1 = no batching)")
+    max_batch_wait_ms: float = Field(2.0, description="longest a /predict request waits for others to join "
+                                                      "its batch")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServiceConfig":
+        if self.max_batch_size < 1 or self.max_batch_wait_ms < 0:
+            raise ValueError("MAX_BATCH_SIZE must be >= 1 and MAX_BATCH_WAIT_MS >= 0")
+        if self.api_token == "":
+            self.api_token = None
+        return self
+
+    def policy_overrides(self) -> dict:
+        """The routing-policy fields set explicitly (the rest come from the model's manifest)."""
+        return {k: getattr(self, k) for k in ("confidence_threshold", "new_class_threshold", "class_balance",
+                                             "neighbours") if getattr(self, k) is not None}

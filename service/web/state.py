@@ -1,0 +1,54 @@
+"""What one app instance holds: settings, the runtime, the batcher, metrics, the model thread."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..serving.batching import BatchConfig, DynamicBatcher
+from ..serving.runtime import ModelRuntime
+from .metrics import Metrics
+from .settings import ServiceConfig
+
+
+class AppState:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.runtime: ModelRuntime | None = None
+        self.batcher: DynamicBatcher | None = None  # None: MAX_BATCH_SIZE 1, each request runs alone
+        self.ready = False
+        self.metrics = Metrics()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def on_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
+
+    def _observe_batch(self, size: int, waits: list[float]) -> None:
+        self.metrics.batch_size.observe(size)
+        for w in waits:
+            self.metrics.batch_queue.observe(w)
+
+    def start_batcher(self) -> None:
+        cfg = self.config
+        if cfg.max_batch_size > 1:
+            rt = self.runtime
+            self.batcher = DynamicBatcher(lambda x: self.on_model_thread(rt.predict, x),
+                                          BatchConfig(cfg.max_batch_size, cfg.max_batch_wait_ms), self._observe_batch)
+            self.batcher.start()
+
+    async def predict(self, images: torch.Tensor):
+        """Through the dynamic batcher, or straight to the model thread without one."""
+        if self.batcher is None:
+            served = await self.on_model_thread(self.runtime.predict, images)
+            self._observe_batch(len(images), [])
+            return served, len(images)
+        r = await self.batcher.submit(images)
+        return r.result.select(r.rows), r.batch_size
+
+    def update_memory_gauges(self) -> None:
+        rt = self.runtime
+        if rt is not None and rt.memory is not None:
+            self.metrics.memory_size.set(rt.memory.size)
+            self.metrics.memory_capacity.set(rt.memory.capacity)
