@@ -21,11 +21,14 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 install: $(VENV)/.installed
 
 # Fashion-MNIST is Debian's dataset-fashion-mnist; the deployment tests use Debian's
-# docker-compose (compose file check) and prometheus (promtool, a real scraper)
-APT_PACKAGES := dataset-fashion-mnist docker-compose prometheus
+# docker-compose (compose file check) and prometheus (promtool, a real scraper); the review
+# page runs in Debian's chromium (chromium-driver); the feedback store's tests start a
+# throwaway PostgreSQL cluster (postgresql: initdb + pg_ctl)
+APT_PACKAGES := dataset-fashion-mnist docker-compose prometheus chromium chromium-driver postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 data:
-	@if [ ! -f $(FASHION_MNIST) ] || ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then \
+	@if [ ! -f $(FASHION_MNIST) ] || ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null \
+	  || ! command -v chromedriver >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
 
 serve: install

@@ -1,9 +1,10 @@
 """Early exit: what reading the memory at an earlier backbone stage buys, per model.
 
 For each trained model (same backbone, memory at `final`, `stage1`, `stage2`):
-- threshold: from the threshold sweep on the test set, the one with the largest memory share
+- threshold: from the threshold sweep on the model's validation split (the training images
+  its training held out, rebuilt from the manifest), the one with the largest memory share
   whose routed accuracy stays within --max-drop points of the same network with every
-  sample on the network path (the backbone without memory);
+  sample on the network path (the backbone without memory); the test set only reports;
 - per-sample cost at batch 1 (the latency case), medians over the test images, and in
   batches of --batch-size (every sample through one path, time / samples):
   memory path = stages up to the exit + memory lookup; network path = that + the rest of
@@ -27,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, spread, write_record  # noqa: E402
-from service.core.data import load_dataset, normalize  # noqa: E402
+from service.core.data import load_dataset, normalize, validation_of  # noqa: E402
 from service.core.store import load_model  # noqa: E402
-from service.core.train import SWEEP_THRESHOLDS, collect_predictions, threshold_sweep  # noqa: E402
+from service.core.train import SWEEP_THRESHOLDS, collect_predictions, evaluate, threshold_sweep  # noqa: E402
 
 DATA_DIRS = {"fashion-mnist": None, "cifar10": str(ROOT / "../shared/data/cifar10-jpeg.zip")}
 
@@ -77,18 +78,25 @@ def main() -> None:
         loaded = load_model(path.parent, path.name)
         model = loaded.model.eval()
         mean, std = loaded.input.mean, loaded.input.std
-        labels = ds.test.labels
+        heads = model.config.num_classes
+        val = validation_of(ds, loaded.manifest["data"])  # chooses the threshold
+        xv = normalize(val.images, mean, std).contiguous(memory_format=torch.channels_last)
+        val_sweep = threshold_sweep(collect_predictions(model, val.images, mean, std, model.policy), val.labels,
+                                    model.policy, heads, sorted({*SWEEP_THRESHOLDS, 0.3, 0.4}))
+        val_plain = (torch.cat([plain(model, b) for b in xv.split(1000)]) == val.labels).float().mean().item()
+        ok = [s for s in val_sweep if s["accuracy"] >= val_plain - args.max_drop / 100]
+        chosen_val = max(ok, key=lambda s: s["memory_usage"]) if ok else max(val_sweep, key=lambda s: s["accuracy"])
+        thr = chosen_val["threshold"]
+        policy = model.policy.replace(confidence_threshold=thr)
+        labels = ds.test.labels  # reports only, at the threshold validation chose
         x = normalize(ds.test.images, mean, std).contiguous(memory_format=torch.channels_last)
-        preds = collect_predictions(model, ds.test.images, mean, std)
-        sweep = threshold_sweep(preds, labels, sorted({*SWEEP_THRESHOLDS, 0.3, 0.4}))
+        chosen = vars(evaluate(collect_predictions(model, ds.test.images, mean, std, policy), labels, policy, heads))
+        sweep = val_sweep
         plain_acc = (torch.cat([plain(model, b) for b in x.split(1000)]) == labels).float().mean().item()
-        ok = [s for s in sweep if s["accuracy"] >= plain_acc - args.max_drop / 100]
-        chosen = max(ok, key=lambda s: s["memory_usage"]) if ok else max(sweep, key=lambda s: s["accuracy"])
-        thr = chosen["threshold"]
 
         batches = x.split(args.batch_size)
         for b in batches[:2]:  # warm-up
-            model.predict(b, thr)
+            model.predict(b, policy)
             plain(model, b)
         routed_ips, plain_ips, mem_only, net_all = [], [], [], []
         for _ in range(args.repeats):  # interleaved: machine noise hits both alike
@@ -108,7 +116,7 @@ def main() -> None:
             del hidden
             t0 = time.perf_counter()
             for b in batches:
-                model.predict(b, thr)
+                model.predict(b, policy)
             routed_ips.append(len(x) / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             for b in batches:
@@ -116,8 +124,10 @@ def main() -> None:
             plain_ips.append(len(x) / (time.perf_counter() - t0))
         lat = per_sample_ms(model, x, args.latency_samples)
         row = {"model": path.name, "exit_stage": model.config.exit_stage, "threshold": thr,
+               "threshold_chosen_on": "validation", "validation_accuracy": chosen_val["accuracy"],
+               "validation_plain_accuracy": val_plain, "validation_memory_usage": chosen_val["memory_usage"],
                "accuracy": chosen["accuracy"], "plain_accuracy": plain_acc, "memory_usage": chosen["memory_usage"],
-               "memory_path_accuracy": chosen["memory_path_accuracy"], "sweep": sweep,
+               "memory_path_accuracy": chosen["memory_path_accuracy"], "validation_sweep": sweep,
                "throughput_images_per_s": spread(routed_ips), "plain_images_per_s": spread(plain_ips),
                "speedup": spread(routed_ips)["median"] / spread(plain_ips)["median"],
                "batched_memory_path_ms": spread(mem_only), "batched_network_path_ms": spread(net_all), **lat}

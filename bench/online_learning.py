@@ -12,8 +12,16 @@ shift: the served 10-class model meets rotated (90 degrees) images; K rotated tr
   images per class are posted as feedback; accuracy on rotated and clean test images
   (never the posted ones: those are training images) before and after.
 
+policy-grid: chooses the routing policy's online-learning settings (class balance,
+  new-class threshold) on validation data only: old classes are the 8-class model's own
+  validation split (training images its training held out, rebuilt from the manifest); the
+  new classes' shots and their validation images are disjoint draws from the held-out
+  classes' training images. Runs the served runtime in-process (same code path as the
+  service: ModelRuntime.feedback and .predict); the test set is not read.
+
 Each setting is repeated over --seeds draws of the shots; tables report the mean.
 
+    .venv/bin/python bench/online_learning.py policy-grid --dataset fashion-mnist
     .venv/bin/python bench/online_learning.py new-classes --dataset fashion-mnist [--ks 1 5 10 50]
     .venv/bin/python bench/online_learning.py shift --dataset fashion-mnist [--ks 10 50]
 """
@@ -37,7 +45,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, write_record  # noqa: E402
-from service.core.data import Dataset, load_dataset, normalize  # noqa: E402
+from service.core.data import Dataset, load_dataset, normalize, validation_of  # noqa: E402
+from service.serving.feedback_store import Upload  # noqa: E402
+from service.serving.runtime import ModelRuntime  # noqa: E402
+from service.core.routing import RoutingPolicy  # noqa: E402
 from service.core.store import load_model  # noqa: E402
 from bench.live import Server  # noqa: E402
 
@@ -258,6 +269,65 @@ def shift(args, m: dict) -> dict:
     return {"rows": rows, "before": base, "table": table}
 
 
+GRID = {"class_balance": [0.0, 0.5, 1.0], "new_class_threshold": [None, 0.5, 0.3]}
+NEW_VALIDATION = 500  # validation images per held-out class, never drawn as shots
+
+
+def policy_grid(args, m: dict) -> dict:
+    data_dir, model_name, held_out, _ = SETTINGS[args.dataset]
+    ds = load_dataset(args.dataset, data_dir)
+    loaded = load_model(args.store, model_name)
+    old_val = validation_of(ds, loaded.manifest["data"])  # old classes, indices of the 8-class model
+    mean, std = loaded.input.mean, loaded.input.std
+    old_names = list(loaded.classes)
+    x_old = normalize(old_val.images, mean, std)
+    truth_old = [old_names[int(i)] for i in old_val.labels]
+    new_val, pools = {}, {}
+    for c in held_out:  # per held-out class: a fixed validation draw, the rest is the pool of shots
+        idx = (ds.train.labels == ds.classes.index(c)).nonzero().squeeze(1)
+        pick = torch.zeros(len(idx), dtype=torch.bool)
+        pick[torch.randperm(len(idx), generator=torch.Generator().manual_seed(12345))[:NEW_VALIDATION]] = True
+        new_val[c], pools[c] = idx[pick], idx[~pick]
+    x_new = normalize(ds.train.images[torch.cat([new_val[c] for c in held_out])], mean, std)
+    truth_new = [c for c in held_out for _ in range(NEW_VALIDATION)]
+    x_all, truth = torch.cat([x_old, x_new]), truth_old + truth_new
+    grid = [(cb, nt) for cb in GRID["class_balance"] for nt in GRID["new_class_threshold"]]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cb, nt in grid:
+            for seed in range(args.seeds):
+                overrides = {"class_balance": cb, "new_class_threshold": nt}
+                rt = ModelRuntime(args.store, model_name, Path(tmp) / f"{cb}-{nt}-{seed}", overrides)
+                if nt is None:  # "unset" overrides nothing: the manifest's value would stay
+                    rt.policy = RoutingPolicy(**{**rt.policy.to_dict(), "new_class_threshold": None})
+                for c in held_out:
+                    g = torch.Generator().manual_seed(seed * 1000 + ds.classes.index(c))
+                    shots = pools[c][torch.randperm(len(pools[c]), generator=g)[:args.k]]
+                    rt.commit_feedback(rt.embed(normalize(ds.train.images[shots], mean, std)), c,
+                                       [Upload(png(im), "image/png") for im in ds.train.images[shots]])
+                pred, paths = [], []
+                for b in x_all.split(500):
+                    served = rt.predict(b)
+                    pred += [rt.class_name(int(i)) for i in served.prediction.labels]
+                    paths += served.prediction.paths
+                rt.close()
+                r = {"class_balance": cb, "new_class_threshold": nt, "seed": seed,
+                     **scores(pred, paths, truth, held_out)}
+                rows.append(r)
+                print(f"class_balance {cb} new_class_threshold {nt} seed {seed}: new recall {r['new_recall']:.3f} "
+                      f"old acc {r['old_accuracy']:.3f} mean {r['mean_old_new']:.3f}", flush=True)
+    table = []
+    for cb, nt in grid:
+        rs = [r for r in rows if r["class_balance"] == cb and r["new_class_threshold"] == nt]
+        table.append({"class_balance": cb, "new_class_threshold": nt, "seeds": len(rs),
+                      **{k: statistics.mean(r[k] for r in rs) for k in ("new_recall", "old_accuracy", "mean_old_new")}})
+    best = max(table, key=lambda t: t["mean_old_new"])
+    print(f"chosen on validation (K={args.k}): class_balance {best['class_balance']} new_class_threshold "
+          f"{best['new_class_threshold']} mean(old, new) {best['mean_old_new']:.4f}", flush=True)
+    return {"rows": rows, "table": table, "chosen": best, "k": args.k,
+            "validation": {"old": len(truth_old), "new_per_class": NEW_VALIDATION}}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
     keys = ("new_recall", "old_accuracy", "accuracy", "mean_old_new", "memory_share", "new_memory_share")
@@ -275,7 +345,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("experiment", choices=["new-classes", "shift"])
+    ap.add_argument("experiment", choices=["policy-grid", "new-classes", "shift"])
+    ap.add_argument("--k", type=int, default=10, help="policy-grid: shots per new class")
     ap.add_argument("--dataset", choices=sorted(SETTINGS), default="fashion-mnist")
     ap.add_argument("--ks", type=int, nargs="+", default=None)
     ap.add_argument("--seeds", type=int, default=3)
@@ -290,7 +361,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     m = header(config)
-    result = new_classes(args, m) if args.experiment == "new-classes" else shift(args, m)
+    result = {"policy-grid": policy_grid, "new-classes": new_classes, "shift": shift}[args.experiment](args, m)
     name = f"online-{args.experiment}-{args.dataset}" + (f"-{args.transform}" if args.experiment == "shift" else "")
     write_record(name + args.tag, config, result, m)
 

@@ -177,8 +177,8 @@ def test_metrics_parse_and_move(client):
     assert stages == {"decode", "features", "memory", "head"}
     assert fams["memory_capacity"].samples[0].value == 16
     assert fams["model_info"].samples[0].labels["memory_kind"] == "cached"
-    assert any(s.name == "journal_write_duration_seconds_count" and s.value == 1
-               for s in fams["journal_write_duration_seconds"].samples)
+    assert any(s.name == "feedback_commit_duration_seconds_count" and s.value == 1
+               for s in fams["feedback_commit_duration_seconds"].samples)
 
 
 def test_snapshot_then_restart_gives_the_same_memory(make_client):
@@ -186,8 +186,8 @@ def test_snapshot_then_restart_gives_the_same_memory(make_client):
     for i in range(3):
         c.post("/feedback", files={"file": png(20 + i)}, data={"label": "Newclass"}, headers=AUTH)
     snap = c.post("/memory/snapshot", headers=AUTH)
-    assert snap.status_code == 200 and snap.json()["last_feedback_id"] == 3
-    c.post("/feedback", files={"file": png(30)}, data={"label": "zero"}, headers=AUTH)  # journal only
+    assert snap.status_code == 200 and snap.json()["last_seq"] == 3
+    c.post("/feedback", files={"file": png(30)}, data={"label": "zero"}, headers=AUTH)  # in the log only
     before = memory_state(c)
     c.__exit__(None, None, None)
     c2 = make_client()
@@ -204,18 +204,19 @@ def test_openapi_documents_every_endpoint(client):
     assert "multipart/form-data" in paths["/predict"]["post"]["requestBody"]["content"]
 
 
-def test_full_disk_gives_507_and_no_false_ack(client, monkeypatch):
-    import service.serving.journal as journal
+def test_a_failing_store_write_gives_503_and_no_false_ack(client, monkeypatch):
+    import sqlite3
 
     before = memory_state(client)
+    store = client.app.state.service.runtime.store
 
-    def full(fd):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(journal.os, "fsync", full)
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(store, "_do_append", full)
     r = client.post("/feedback", files={"file": png(40)}, data={"label": "one"}, headers=AUTH)
-    assert r.status_code == 507 and r.json()["error"] == "journal_unavailable"
+    assert r.status_code == 503 and r.json()["error"] == "feedback_store_unavailable"
     monkeypatch.undo()
-    assert memory_state(client) == before
+    assert memory_state(client) == before and store.last_seq() == 0
 
 
 def test_chunked_body_over_limit_is_refused_while_streaming(client):

@@ -1,9 +1,15 @@
-"""ModelRuntime without HTTP: feedback durability, snapshots and recovery."""
+"""ModelRuntime over the feedback store, without HTTP: the memory is the model plus the
+ordered log; snapshots, forgetting, idempotent retries, damaged state refused."""
 
+import io
+import sqlite3
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from service.serving.journal import JournalError
+from service.serving.feedback_store import FeedbackStoreError, SqliteStore, StoreUnavailable, Upload
 from service.serving.runtime import ModelRuntime
 from service.serving.vocabulary import LabelError
 from tests.helpers import save_tiny_model
@@ -12,12 +18,30 @@ from tests.helpers import save_tiny_model
 @pytest.fixture
 def make_runtime(tmp_path):
     save_tiny_model(tmp_path / "store")
-    return lambda: ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
+    made = []
+
+    def make(**kw):
+        rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var", **kw)
+        made.append(rt)
+        return rt
+    yield make
+    for rt in made:
+        rt.close()
 
 
-def feats(rt, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 1, 28, 28, generator=g)  # one image, as the runtime takes it
+def image(seed):
+    """(normalised (1, 1, 28, 28) tensor, the PNG bytes it came from)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 255, (28, 28), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    x = (torch.from_numpy(a).float() / 255 - 0.5) / 0.5
+    return x.view(1, 1, 28, 28), buf.getvalue()
+
+
+def teach(rt, seeds, label, key=None):
+    xs, pngs = zip(*(image(s) for s in seeds))
+    return rt.commit_feedback(rt.embed(torch.cat(xs)), label, [Upload(p, "image/png") for p in pngs], key)
 
 
 def state(rt):
@@ -28,98 +52,131 @@ def same(a, b):
     return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
 
 
-def test_journal_replay_rebuilds_the_exact_memory(make_runtime):
+def test_the_log_alone_rebuilds_the_exact_memory(make_runtime, tmp_path):
     rt = make_runtime()
     for i in range(12):  # past capacity 16 - 8 prefilled: replacements happen too
-        rt.feedback(feats(rt, i), ["one", "two", "Novel"][i % 3])
-    expected = state(rt)
+        teach(rt, [i, 100 + i] if i % 4 == 0 else [i], ["one", "two", "Novel"][i % 3])
+    expected, expected_hash = state(rt), rt.state_hash()
+    rt.close()
+    rt2 = make_runtime()  # no snapshot was written: the trained model + the whole log
+    assert rt2.stats.restored_from_seq == 0 and rt2.stats.feedback_applied == 15
+    assert same(state(rt2), expected) and rt2.state_hash() == expected_hash
+
+
+def test_snapshot_plus_the_log_after_it_equals_the_live_memory(make_runtime):
+    rt = make_runtime()
+    teach(rt, [1], "one")
+    rt.snapshot()
+    teach(rt, [2, 3], "Novel")
+    expected = rt.state_hash()
     rt.close()
     rt2 = make_runtime()
-    assert rt2.stats.replayed == 12 and same(state(rt2), expected)
+    assert rt2.stats.restored_from_seq == 1 and rt2.stats.feedback_applied == 2
+    assert rt2.state_hash() == expected
 
 
-def test_corrupt_snapshot_falls_back_to_previous_plus_journal(make_runtime, caplog):
+def test_flipped_byte_in_a_snapshot_is_refused_and_the_previous_one_used(make_runtime, caplog):
     rt = make_runtime()
-    rt.feedback(feats(rt, 1), "one")
+    teach(rt, [1], "one")
     rt.snapshot()
-    rt.feedback(feats(rt, 2), "Novel")
+    teach(rt, [2], "Novel")
     newest = rt.snapshot()
-    rt.feedback(feats(rt, 3), "zero")
-    expected = state(rt)
+    teach(rt, [3], "zero")
+    expected = rt.state_hash()
     rt.close()
     data_file = newest.with_suffix(".safetensors")
-    data_file.write_bytes(data_file.read_bytes()[:-10])  # corrupt the newest snapshot
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(bytes(raw))
     rt2 = make_runtime()
-    assert "refused" in caplog.text
-    assert rt2.stats.replayed == 2  # records 2 and 3, after the older snapshot
-    assert same(state(rt2), expected)
+    assert "sha256 mismatch" in caplog.text
+    assert rt2.stats.restored_from_seq == 1  # the older snapshot, then seqs 2 and 3 from the log
+    assert rt2.state_hash() == expected
 
 
-def test_failed_journal_write_changes_nothing(make_runtime, monkeypatch):
+def test_a_retried_idempotency_key_writes_nothing_and_gets_the_first_outcome(make_runtime):
     rt = make_runtime()
-    before = state(rt)
-
-    def fail(records):
-        raise JournalError(28, "No space left on device")
-    monkeypatch.setattr(rt.journal, "append", fail)
-    with pytest.raises(JournalError):
-        rt.feedback(feats(rt, 5), "Novel")
-    assert same(state(rt), before) and "Novel" not in rt.classes
+    first = teach(rt, [5, 6], "Novel", key="retry-me")
+    h = rt.state_hash()
+    again = teach(rt, [5, 6], "Novel", key="retry-me")
+    assert [o.feedback_id for o in again.outcomes] == [o.feedback_id for o in first.outcomes]
+    assert again.request_id == first.request_id and rt.store.last_seq() == 2 and rt.state_hash() == h
 
 
-@pytest.mark.parametrize("label", ["", "9", "../../etc/passwd\x00", "x" * 65])
-def test_bad_labels_raise_label_error(make_runtime, label):
+def test_forget_empties_the_slot_and_survives_a_restart(make_runtime):
+    rt = make_runtime()
+    r = teach(rt, [7], "Novel")
+    fid, slot = r.outcomes[0].feedback_id, r.outcomes[0].slot
+    x, _ = image(7)
+    assert rt.predict(x).prediction.paths == ["memory"]
+    assert rt.forget(fid) and not rt.forget(fid)  # the second time: already forgotten
+    assert int(rt.memory.labels[slot]) == -1 and int(rt.slot_feedback[slot]) == -1
+    assert rt.store.image(fid)[0] is None  # the image is erased
+    h = rt.state_hash()
+    rt.close()
+    rt2 = make_runtime()
+    assert rt2.state_hash() == h
+
+
+def test_two_runtimes_on_one_store_converge_by_tailing(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    b.start_tail(interval=0.01)
+    teach(a, [1, 2], "Hat")
+    teach(a, [3], "one")
+    a.forget(1)
+    import time
+    deadline = time.monotonic() + 10
+    while b.applied_seq < a.applied_seq and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b.applied_seq == a.applied_seq and b.state_hash() == a.state_hash()
+
+
+def test_labels_differing_in_case_and_unicode_form_are_one_class(make_runtime):
+    rt = make_runtime()
+    teach(rt, [1], "Café")
+    r = teach(rt, [2], " CAFE\u0301 ")  # decomposed é, other case, spaces
+    assert r.outcomes[0].label == "Café" and rt.classes.count("Café") == 1
+
+
+def test_a_refused_label_writes_nothing(make_runtime):
     rt = make_runtime()
     with pytest.raises(LabelError):
-        rt.feedback(feats(rt, 1), label)
+        teach(rt, [1], "")
+    assert rt.store.last_seq() == 0
 
 
-def test_unicode_digits_are_names_not_indices(make_runtime):
-    rt = make_runtime()  # found by schemathesis: "³".isdigit() is True but int("³") fails
-    out = rt.feedback(feats(rt, 1), "³")
-    assert out[0].label == "³" and rt.classes[-1] == "³"
-    rt.feedback(feats(rt, 2), "Ünïcødé ✓")
-    assert rt.classes[-1] == "Ünïcødé ✓"
-
-
-def test_path_like_and_unicode_labels_are_only_names(make_runtime, tmp_path):
+def test_an_unreachable_store_acknowledges_nothing_and_changes_nothing(make_runtime, monkeypatch):
     rt = make_runtime()
-    rt.feedback(feats(rt, 1), "../../etc")
-    rt.feedback(feats(rt, 3), "x'; DROP TABLE memory;--")  # label space 6: two new classes fit
-    assert rt.classes[-2:] == ["../../etc", "x'; DROP TABLE memory;--"]
-    assert not (tmp_path / "etc").exists()
-    rt.snapshot()
+    before = rt.state_hash()
+
+    def down(*a, **k):
+        raise sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(rt.store, "_do_append", down)
+    with pytest.raises(StoreUnavailable):
+        teach(rt, [1], "one")
+    assert rt.state_hash() == before and rt.store.last_seq() == 0
+
+
+def test_a_damaged_feature_vector_is_refused_loudly(make_runtime, tmp_path):
+    rt = make_runtime()
+    teach(rt, [1], "one")
     rt.close()
-    assert make_runtime().classes[-2:] == ["../../etc", "x'; DROP TABLE memory;--"]
+    db = sqlite3.connect(tmp_path / "var" / "feedback.db")
+    vec = bytearray(db.execute("SELECT vector FROM features").fetchone()[0])
+    vec[0] ^= 0xFF
+    db.execute("UPDATE features SET vector = ?", (bytes(vec),))
+    db.commit()
+    db.close()
+    with pytest.raises(FeedbackStoreError, match="checksum"):
+        make_runtime()
 
 
-def test_early_exit_model_serves_feedback_from_the_memory_path(tmp_path):
-    save_tiny_model(tmp_path / "store", exit_stage="stage1", exit_dim=16)
-    rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
-    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(7))
-    rt.feedback(x[:1], "Novel")
-    served = rt.predict(x)
-    assert served.prediction.paths[0] == "memory" and rt.classes[served.prediction.labels[0]] == "Novel"
-    assert served.feedback_ids[0] == 1 and served.prediction.timings_ms["head"] >= 0
-
-
-def test_ivf_index_runtime_answers_feedback_like_exact(tmp_path):
-    save_tiny_model(tmp_path / "store")
-    rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var", index="ivf", nprobe=4)
-    assert rt.memory.index is not None and len(rt.memory.index) == rt.memory.size
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(5))
-    rt.feedback(x, "Novel")
-    served = rt.predict(x)
-    assert [rt.classes[i] for i in served.prediction.labels] == ["Novel"] * 3
-    assert len(rt.memory.index) == rt.memory.size
-
-
-def test_feedback_of_a_new_class_in_a_full_memory_keeps_every_example(make_runtime):
-    rt = make_runtime()
-    for i in range(8):  # fill the 16 slots (8 prefilled)
-        rt.feedback(feats(rt, 100 + i), "one")
-    assert rt.memory.size == rt.memory.capacity
-    for i in range(5):
-        rt.feedback(feats(rt, i), "Novel")
-    novel = rt.classes.index("Novel")
-    assert int((rt.memory.labels == novel).sum()) == 5
+def test_a_corrupted_sqlite_file_is_a_clear_error_and_is_left_as_it_was(tmp_path):
+    path = tmp_path / "feedback.db"
+    SqliteStore(path).close()
+    raw = bytearray(path.read_bytes())
+    raw[:16] = b"garbage garbage!"  # the header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FeedbackStoreError, match="damaged|integrity"):
+        SqliteStore(path)
+    assert path.read_bytes() == bytes(raw)  # nothing truncated or rewritten

@@ -104,8 +104,8 @@ def test_kill_9_during_feedback_loses_nothing(server, round_):
     mem = httpx.get(s2.url + "/memory").json()
     ids = [a[2] for a in acked]
     assert len(set(ids)) == len(ids)
-    assert mem["last_feedback_id"] >= max(ids)
-    assert mem["feedback_items"] == mem["last_feedback_id"]  # each journalled feedback applied once
+    assert mem["applied_seq"] >= max(ids)
+    assert mem["feedback_items"] == mem["applied_seq"]  # each committed example applied once, none lost
     for data, label, fid in acked:
         p = predict(s2.url, data)
         assert p["path"] == "memory" and p["label_index"] == label and p["nearest"]["feedback_id"] == fid

@@ -8,6 +8,7 @@ CIFAR-10 180 MB), so batches are index slices and augmentation is a few tensor o
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import zipfile
@@ -233,6 +234,21 @@ def carve_validation(train: Split, size: int, seed: int) -> tuple[Split, Split, 
     keep = torch.ones(len(train.labels), dtype=torch.bool)
     keep[val_idx] = False
     return subset(train, keep.nonzero().squeeze(1)), subset(train, val_idx), val_idx
+
+
+def validation_of(ds: Dataset, record: dict) -> Split:
+    """The validation split a model was trained beside, rebuilt from its manifest's "data"
+    record (data set, excluded classes, size, seed) and checked against the recorded hash of
+    its indices, so a benchmark chooses settings on exactly the images training held out."""
+    if not record.get("validation_size"):
+        raise ValueError("this model was trained without a validation split (manifest data.validation_size)")
+    if record.get("exclude_classes"):
+        ds = keep_classes(ds, record["exclude_classes"])
+    _, val, idx = carve_validation(ds.train, record["validation_size"], record["validation_seed"])
+    if hashlib.sha256(idx.numpy().tobytes()).hexdigest() != record["validation_indices_sha256"]:
+        raise ValueError("the rebuilt validation split differs from the one recorded in the manifest "
+                         "(another copy of the data set?)")
+    return val
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

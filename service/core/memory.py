@@ -276,6 +276,18 @@ class Memory(nn.Module):
         self.replacements += replaced
 
     @torch.no_grad()
+    def forget(self, slots: torch.Tensor) -> None:
+        """Empty these slots (a user withdrew the examples they held): they are never returned
+        again and the next write may fill them. Their keys stay as they were, masked."""
+        slots = slots.to(torch.int64)
+        if not slots.numel():
+            return
+        if self.index is not None:
+            self.index.remove(slots)
+        self.labels[slots] = EMPTY
+        self.written_at[slots] = 0
+
+    @torch.no_grad()
     def teach(self, features: torch.Tensor, labels: torch.Tensor,
               protected: torch.Tensor | None = None) -> UpdateReport:
         """Write user corrections (feedback), one example after another.

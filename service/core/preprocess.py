@@ -41,6 +41,15 @@ class ImageLimits:
     """Longest side accepted."""
 
 
+def media_type(data: bytes) -> str:
+    """The MIME type of image bytes by their content (what Pillow reads), not by the client's claim."""
+    try:
+        fmt = Image.open(io.BytesIO(data)).format or "octet-stream"
+    except Exception:  # not an image: decode_image refuses it with the reason
+        return "application/octet-stream"
+    return {"MPO": "image/jpeg"}.get(fmt, f"image/{fmt.lower()}")
+
+
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
     """One image file -> (C, H, W) float tensor, normalised with the model's statistics.
 

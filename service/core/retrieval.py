@@ -88,6 +88,10 @@ class IVFIndex:
         self.index.remove_ids(ids)
         self.index.add_with_ids(self._np(keys), ids)
 
+    def remove(self, slots: torch.Tensor) -> None:
+        """The slots are empty now."""
+        self.index.remove_ids(slots.numpy().astype("int64"))
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarity (B, k), slot (B, k)); missing neighbours are -inf / -1."""
         sims, ids = self.index.search(self._np(queries), k)

@@ -1,13 +1,21 @@
 """The served model and its online memory, without any web framework.
 
-`ModelRuntime` loads a model from the store, restores its memory (latest good snapshot +
-the feedback journal after it), answers predictions and applies feedback. Durable state
-lives in `<state_dir>/<model name>/<model version>/`, never beside the trained model:
-`journal.log` (journal.py) and the snapshots (snapshots.py).
+The memory is a function of two things: the trained model and the feedback store's
+ordered log. Every process applies the log in sequence order, one request at a time,
+exactly as it applied its own requests live, so processes that have applied the same
+prefix hold bit-identical memories (`state_hash`).
 
-Each call is one hop onto the model thread: `predict` (images -> routed answers) and
-`feedback` (images + label -> journalled, applied). One lock guards the memory: a
-prediction reads it before or after a feedback, never during.
+    start     load the model; newest valid snapshot of this model version; apply the log
+              after it (examples this version has no vector for are re-embedded from their
+              stored images, in order); ready once caught up
+    predict   images -> backbone (outside the memory lock) -> memory read (inside) -> route
+    feedback  embed (the model thread) -> commit images + vectors to the store (group commit,
+              durable before the answer) -> apply the log up to them (read-your-writes)
+    forget    tombstone in the store -> apply the log: the example's slot is emptied
+    tail      a background thread applies what other processes committed (PostgreSQL
+              LISTEN/NOTIFY, polling by sequence as the safety net)
+
+Snapshots (snapshots.py) record the last applied sequence and the store's id.
 """
 
 from __future__ import annotations
@@ -17,20 +25,27 @@ import json
 import logging
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..core.memory import ACTION_NAMES, EMPTY, Retrieval
 from ..core.model import Prediction
+from ..core.preprocess import ImageError, ImageLimits, decode_image
 from ..core.routing import RoutingPolicy
 from ..core.store import LoadedModel, load_model
-from .journal import FeedbackJournal, FeedbackRecord
+from .feedback_store import AppendResult, Event, FeedbackStore, FeedbackStoreError, StoreUnavailable, Upload, open_store
 from .snapshots import SnapshotError, SnapshotStore
 from .vocabulary import ClassVocabulary, LabelError
 
 log = logging.getLogger(__name__)
+REEMBED_BATCH = 256
+LOG_BATCH = 2000  # log events read per query (a request holds at most MAX_FILES examples)
+KEEP_OUTCOMES = 50_000  # per-example outcomes kept for answers (a retried request's included)
 
 
 @dataclass
@@ -44,11 +59,20 @@ class FeedbackOutcome:
 
 
 @dataclass
+class FeedbackResult:
+    request_id: str
+    outcomes: list[FeedbackOutcome]
+    replayed_response: str | None = None  # a retry: the first answer, as it was sent
+
+
+@dataclass
 class RuntimeStats:
     feedback_applied: int = 0
+    forgotten_applied: int = 0
+    reembedded: int = 0
     last_snapshot_time: float | None = None
-    last_snapshot_id: int = 0
-    replayed: int = 0
+    last_snapshot_seq: int = 0
+    restored_from_seq: int = 0
 
 
 @dataclass
@@ -65,27 +89,37 @@ class Served:
 
 class ModelRuntime:
     def __init__(self, store: str | Path, name: str, state_dir: str | Path, policy_overrides: dict | None = None,
-                 index: str = "exact", nprobe: int = 16, protect_feedback: bool = True):
+                 index: str = "exact", nprobe: int = 16, protect_feedback: bool = True,
+                 feedback_db: str | None = None, feedback: FeedbackStore | None = None):
         self.loaded: LoadedModel = load_model(store, name)
         self.model = self.loaded.model.eval()
         self.memory = self.model.memory
+        self.version = self.loaded.version
         # the manifest's policy (chosen on the training run's validation split), with any
         # explicit serve-time overrides; both are shown by /memory and the model_info metric
         self.overrides = {k: v for k, v in (policy_overrides or {}).items() if v is not None}
         self.policy: RoutingPolicy = self.loaded.policy.replace(**self.overrides)
         self.protect_feedback = protect_feedback
         self.vocab = ClassVocabulary(self.loaded.classes, self.model.config.memory_classes)
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the memory: a prediction reads it before or after a request's writes
+        self.apply_lock = threading.Lock()  # one applier of the log at a time
         self.stats = RuntimeStats()
         capacity = self.memory.capacity if self.memory is not None else 0
-        self.slot_feedback = torch.full((capacity,), EMPTY, dtype=torch.int64)  # slot -> feedback id
-        self.snapshots = SnapshotStore(Path(state_dir) / self.loaded.name / self.loaded.version)
-        self.state_dir = self.snapshots.folder
+        self.slot_feedback = torch.full((capacity,), EMPTY, dtype=torch.int64)  # slot -> feedback id (seq)
+        self.applied_seq = 0
+        self.outcomes: OrderedDict[int, FeedbackOutcome] = OrderedDict()
+        self.failure: str | None = None  # a damaged record stopped the tail: not ready
+        self._tail_stop = threading.Event()
+        self._tail: threading.Thread | None = None
+        self._dirty = False
+        self.snapshots = SnapshotStore(Path(state_dir) / self.loaded.name / self.version)
+        self.store: FeedbackStore | None = None
         if self.memory is not None:
+            self.store = feedback or open_store(feedback_db, state_dir)
             self._restore()
             if index == "ivf":  # built from the restored memory, then kept in step by every write
                 self.memory.attach_index(nprobe=nprobe)
-        self._dirty = False
+            self.sync(progress=True)
 
     @property
     def classes(self) -> list[str]:
@@ -94,12 +128,13 @@ class ModelRuntime:
     def class_name(self, index: int) -> str:
         return self.vocab.name(index)
 
-    def check_label(self, label: str) -> bool:
-        """Refuse a label early (LabelError, nothing changed); True when it names a new class."""
+    def check_label(self, label: str) -> tuple[str, bool]:
+        """(the name the label resolves to, True for a new class); LabelError refuses it."""
         if self.memory is None:
             raise LabelError("this model has no memory: feedback cannot teach it")
         with self.lock:
-            return self.vocab.lookup(label)[0] is None
+            index, name = self.vocab.lookup(label)
+        return name, index is None
 
     # --- prediction --------------------------------------------------------------------------
     @torch.no_grad()
@@ -123,92 +158,230 @@ class ModelRuntime:
 
     # --- feedback ------------------------------------------------------------------------------
     @torch.no_grad()
-    def feedback(self, images: torch.Tensor, label: str, journal_timer=None) -> list[FeedbackOutcome]:
-        """Embed, journal (fsync), then apply. Raises LabelError (nothing changed) or
-        JournalError (nothing acknowledged, nothing changed)."""
-        if self.memory is None:
-            raise LabelError("this model has no memory: feedback cannot teach it")
-        features = self.model.embed(images)[0].float()  # (B, D) memory keys, outside the lock
-        with self.lock:
-            index, name = self.vocab.lookup(label)
-            if index is None:
-                index = len(self.vocab)
-            first = self.journal.last_id + 1
-            now = time.time()
-            records = [FeedbackRecord(first + i, index, name, f.clone(), now) for i, f in enumerate(features)]
-            t = time.perf_counter()
-            self.journal.append(records)  # raises JournalError before anything changes
-            if journal_timer is not None:
-                journal_timer(time.perf_counter() - t)
-            return self._apply(records)
+    def embed(self, images: torch.Tensor) -> list[np.ndarray]:
+        """(B, C, H, W) -> the memory keys this model version stores, one (D,) float32 each."""
+        return list(self.model.embed(images)[0].float().numpy())
 
-    def _apply(self, records: list[FeedbackRecord]) -> list[FeedbackOutcome]:
-        index, name = records[0].label, records[0].class_name
-        if index == len(self.vocab):
-            self.vocab.add(name)
-        elif index > len(self.vocab) or self.vocab.names[index] != name:
-            raise RuntimeError(f"journal record {records[0].id} names class {index}={name!r}, "
-                               f"memory knows {self.vocab.names}")
-        feats = torch.stack([r.features for r in records])  # (N, D)
-        # user-taught items are never replaced by later feedback while training items remain
-        protected = self.slot_feedback != EMPTY if self.protect_feedback else None
-        rep = self.memory.teach(feats, torch.full((len(records),), index), protected=protected)
+    def commit_feedback(self, vectors: list[np.ndarray], label: str, uploads: list[Upload],
+                        idempotency_key: str | None = None, commit_timer=None) -> FeedbackResult:
+        """Commit the examples durably, then apply the log up to them. Raises LabelError or
+        StoreUnavailable with nothing written. A retried Idempotency-Key writes nothing and
+        returns the first request's answer."""
+        name, _ = self.check_label(label)
+        t = time.perf_counter()
+        r: AppendResult = self.store.append(uuid.uuid4().hex, idempotency_key, name, uploads, self.version, vectors)
+        if commit_timer is not None:
+            commit_timer(time.perf_counter() - t)
+        self.sync(upto=max(r.seqs))
+        if r.replayed_response is not None:
+            return FeedbackResult(r.request_id, self._outcomes_of(r.seqs), r.replayed_response or None)
+        return FeedbackResult(r.request_id, self._outcomes_of(r.seqs))
+
+    def _outcomes_of(self, seqs: list[int]) -> list[FeedbackOutcome]:
         out = []
-        for r, a, s, prev in zip(records, rep.action.tolist(), rep.slot.tolist(), rep.previous_label.tolist()):
-            if s != EMPTY:
-                self.slot_feedback[s] = r.id
-            out.append(FeedbackOutcome(r.id, ACTION_NAMES[a], s if s != EMPTY else None,
-                                       self.vocab.name(prev) if prev != EMPTY else None, name, index))
-        self.stats.feedback_applied += len(records)
-        self._dirty = True
+        for s in seqs:
+            o = self.outcomes.get(s)
+            if o is None:  # applied long ago, or skipped (label space full): say what memory holds now
+                slots = (self.slot_feedback == s).nonzero().squeeze(1).tolist()
+                o = FeedbackOutcome(s, "added" if slots else "skipped", slots[0] if slots else None, None, "", -1)
+            out.append(o)
         return out
 
-    # --- durability ----------------------------------------------------------------------------
+    def forget(self, seq: int) -> bool:
+        """Forget example `seq` everywhere: tombstone it in the store, then apply the log (its
+        slot empties here now, in other processes when they tail). NotFound when unknown;
+        False when it was already forgotten."""
+        event_seq, _ = self.store.forget(seq)
+        self.sync(upto=event_seq)
+        return event_seq is not None
+
+    # --- applying the log ------------------------------------------------------------------------
+    def sync(self, upto: int | None = None, progress: bool = False) -> int:
+        """Apply every committed event after `applied_seq` (at least up to `upto`); returns
+        the new applied sequence. Damaged records raise FeedbackStoreError (nothing skipped)."""
+        if self.memory is None:
+            return 0
+        with self.apply_lock:
+            total = self.store.last_seq() if progress else None
+            started, last_log = time.perf_counter(), time.perf_counter()
+            while True:
+                events = self.store.events_after(self.applied_seq, self.version, LOG_BATCH)
+                if not events:
+                    break
+                if len(events) == LOG_BATCH and events[-1].kind == "example":
+                    # the last request may go on in the next page: apply it whole, next time
+                    tail = events[-1].request_id
+                    events = events[:next(i for i in range(len(events), 0, -1)
+                                          if events[i - 1].kind != "example" or events[i - 1].request_id != tail)]
+                    if not events:
+                        raise FeedbackStoreError(f"request {tail} has more than {LOG_BATCH} examples")
+                missing = [e for e in events if e.kind == "example" and e.vector is None and not e.forgotten]
+                if missing:
+                    cut = events.index(missing[0])
+                    self._apply_events(events[:cut])
+                    self._reembed(missing[:REEMBED_BATCH])
+                    continue  # read again: the vectors now come from the store (first writer wins)
+                self._apply_events(events)
+                if progress and total and time.perf_counter() - last_log > 2:
+                    last_log = time.perf_counter()
+                    log.info("applying the feedback log for model version %s: seq %d of %d (%.0f s)",
+                             self.version, self.applied_seq, total, last_log - started)
+            if progress and total:
+                log.info("feedback log applied up to seq %d in %.1f s (%d examples re-embedded)",
+                         self.applied_seq, time.perf_counter() - started, self.stats.reembedded)
+            return self.applied_seq
+
+    def _reembed(self, events: list[Event]) -> None:
+        """Embed examples this model version has no vector for, from their stored images."""
+        spec, limits = self.loaded.input, ImageLimits(max_pixels=1 << 62)
+        vectors, images, seqs = {}, [], []
+        for e in events:
+            data, _, forgotten = self.store.image(e.seq)
+            if data is None:
+                if not forgotten:
+                    raise FeedbackStoreError(f"{self.store.describe()}: example {e.seq} has no image and no "
+                                             f"vector for model version {self.version} (damaged record)")
+                continue
+            try:
+                images.append(decode_image(data, spec, limits))
+                seqs.append(e.seq)
+            except ImageError as err:  # it decoded when accepted: the stored bytes changed
+                raise FeedbackStoreError(f"{self.store.describe()}: stored image of example {e.seq} no longer "
+                                         f"decodes ({err})") from err
+        if images:
+            with torch.no_grad():
+                keys = self.model.embed(torch.stack(images))[0].float().numpy()
+            vectors = dict(zip(seqs, keys))
+            self.store.put_vectors(self.version, vectors)
+            self.stats.reembedded += len(vectors)
+
+    def _apply_events(self, events: list[Event]) -> None:
+        """Apply in order; consecutive examples of one request are taught together, as live."""
+        i = 0
+        while i < len(events):
+            e = events[i]
+            if e.kind == "forget":
+                self._apply_forget(e)
+                i += 1
+                continue
+            j = i
+            while j < len(events) and events[j].kind == "example" and events[j].request_id == e.request_id:
+                j += 1
+            self._apply_request([x for x in events[i:j] if x.vector is not None])
+            self.applied_seq = events[j - 1].seq
+            i = j
+
+    def _apply_request(self, events: list[Event]) -> None:
+        if not events:
+            return
+        with self.lock:
+            name = events[0].label
+            try:
+                index = self.vocab.add(name)
+            except LabelError as err:  # the label space filled up since it was accepted: same everywhere
+                log.warning("feedback %s skipped: %s", [e.seq for e in events], err)
+                self.applied_seq = events[-1].seq
+                return
+            feats = torch.from_numpy(np.stack([e.vector for e in events]))  # (N, D)
+            # user-taught items are never replaced by later feedback while training items remain
+            protected = self.slot_feedback != EMPTY if self.protect_feedback else None
+            rep = self.memory.teach(feats, torch.full((len(events),), index), protected=protected)
+            for e, a, s, prev in zip(events, rep.action.tolist(), rep.slot.tolist(), rep.previous_label.tolist()):
+                if s != EMPTY:
+                    self.slot_feedback[s] = e.seq
+                self._remember(FeedbackOutcome(e.seq, ACTION_NAMES[a], s if s != EMPTY else None,
+                                               self.vocab.name(prev) if prev != EMPTY else None,
+                                               self.vocab.names[index], index))
+            self.applied_seq = events[-1].seq
+            self.stats.feedback_applied += len(events)
+            self._dirty = True
+
+    def _apply_forget(self, e: Event) -> None:
+        with self.lock:
+            slots = (self.slot_feedback == e.target).nonzero().squeeze(1)
+            self.memory.forget(slots)
+            self.slot_feedback[slots] = EMPTY
+            self.outcomes.pop(e.target, None)
+            self.applied_seq = e.seq
+            self.stats.forgotten_applied += 1
+            self._dirty = True
+
+    def _remember(self, o: FeedbackOutcome) -> None:
+        self.outcomes[o.feedback_id] = o
+        while len(self.outcomes) > KEEP_OUTCOMES:
+            self.outcomes.popitem(last=False)
+
+    def start_tail(self, interval: float = 0.02) -> None:
+        """Apply what other processes commit, in the background."""
+        if self.memory is None or self._tail is not None:
+            return
+
+        def run():
+            while not self._tail_stop.is_set():
+                self.store.wait_for_change(interval)
+                try:
+                    self.sync()
+                except StoreUnavailable as err:
+                    log.warning("feedback store unavailable (%s); retrying", err)
+                    self._tail_stop.wait(1.0)
+                except FeedbackStoreError as err:  # refuse loudly; never skip a record
+                    self.failure = str(err)
+                    log.error("the feedback log cannot be applied: %s", err)
+                    return
+                except Exception:  # keep tailing; the error is in the log
+                    log.exception("applying the feedback log failed")
+                    self._tail_stop.wait(1.0)
+
+        self._tail = threading.Thread(target=run, name="feedback-tail", daemon=True)
+        self._tail.start()
+
+    # --- snapshots -------------------------------------------------------------------------------
     def _restore(self) -> None:
-        after = 0
         trained = {k: v.clone() for k, v in self.memory.state_dict().items()}
+        last = self.store.last_seq()
         for sidecar in self.snapshots.sidecars():
             try:
                 tensors, meta = self.snapshots.load(sidecar)
+                if meta.get("store_id") != self.store.store_id:
+                    raise SnapshotError(f"{sidecar}: taken from another feedback store")
+                if int(meta["last_seq"]) > last:
+                    raise SnapshotError(f"{sidecar}: ahead of the feedback store (seq {meta['last_seq']} > {last})")
                 slot_feedback = tensors.pop("slot_feedback")
                 self.memory.load_state_dict(tensors)  # strict: shapes and keys must match
                 self.slot_feedback = slot_feedback
                 self.vocab.reset(list(meta["classes"]))
-                after = int(meta["last_feedback_id"])
-                log.info("memory restored from %s (feedback up to id %d)", sidecar.name, after)
-                break
-            except (SnapshotError, RuntimeError, KeyError, LabelError) as e:  # fall back to the previous one
+                self.applied_seq = self.stats.restored_from_seq = int(meta["last_seq"])
+                log.info("memory restored from %s (feedback log up to seq %d)", sidecar.name, self.applied_seq)
+                return
+            except (SnapshotError, RuntimeError, KeyError, LabelError, ValueError) as e:
                 log.error("snapshot %s refused (%s); trying the previous one", sidecar.name, e)
                 self.memory.load_state_dict(trained)  # undo a partial load
                 self.slot_feedback.fill_(EMPTY)
                 self.vocab.reset(list(self.loaded.classes))
-        self.journal = FeedbackJournal(self.state_dir / "journal.log")
-        replay = [r for r in self.journal.records if r.id > after]
-        for r in replay:
-            self._apply([r])
-        self.journal.records = []
-        self.stats.replayed = len(replay)
-        self.stats.last_snapshot_id = after
-        if replay:
-            log.info("replayed %d feedback records from the journal", len(replay))
+                self.applied_seq = 0
 
     def snapshot(self) -> Path | None:
-        """Write the memory atomically (safetensors, then its JSON sidecar as commit point)."""
+        """Write the memory atomically (safetensors, then its JSON sidecar as commit point).
+        The copy is taken under the lock (a clone); serialising and fsync run outside it."""
         if self.memory is None:
             return None
         with self.lock:
             tensors = {k: v.detach().clone() for k, v in self.memory.state_dict().items()}
             tensors["slot_feedback"] = self.slot_feedback.clone()
-            last_id = self.journal.last_id
-            classes = list(self.vocab.names)
-        sidecar = self.snapshots.write(last_id, tensors, {
-            "last_feedback_id": last_id, "classes": classes, "model": self.loaded.name,
-            "model_version": self.loaded.version})
+            seq, classes = self.applied_seq, list(self.vocab.names)
+        sidecar = self.snapshots.write(seq, tensors, {
+            "last_seq": seq, "classes": classes, "store_id": self.store.store_id, "model": self.loaded.name,
+            "model_version": self.version})
         self.stats.last_snapshot_time = time.time()
-        self.stats.last_snapshot_id = last_id
+        self.stats.last_snapshot_seq = seq
         self._dirty = False
         return sidecar
 
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    # --- inspection --------------------------------------------------------------------------------
     def state_hash(self) -> str:
         """sha256 of the memory state (every tensor of state_dict, the slot -> feedback map and
         the class names): equal on two processes exactly when their memories are equal."""
@@ -222,17 +395,13 @@ class ModelRuntime:
             h.update(json.dumps(self.vocab.names).encode())
         return h.hexdigest()
 
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
-
     def memory_info(self) -> dict:
         """What /memory shows; takes the memory lock (call it off the event loop)."""
         base = {"policy": self.policy.to_dict(), "policy_overrides": dict(self.overrides),
-                "state_hash": self.state_hash()}
+                "state_hash": self.state_hash(), "model_version": self.version}
+        if self.memory is None:
+            return {"kind": "none", "capacity": 0, "size": 0, "per_class": {}, "replacements": 0, **base}
         with self.lock:
-            if self.memory is None:
-                return {"kind": "none", "capacity": 0, "size": 0, "per_class": {}, "replacements": 0, **base}
             counts = self.memory.class_counts().tolist()
             return {
                 "kind": self.model.config.memory,
@@ -244,10 +413,14 @@ class ModelRuntime:
                 "classes": list(self.vocab.names),
                 "label_space": self.vocab.capacity,
                 "last_snapshot_time": self.stats.last_snapshot_time,
-                "last_feedback_id": self.journal.last_id,
+                "applied_seq": self.applied_seq,
+                "feedback_store": self.store.describe(),
                 **base,
             }
 
     def close(self) -> None:
-        if self.memory is not None:
-            self.journal.close()
+        self._tail_stop.set()
+        if self._tail is not None:
+            self._tail.join(10)
+        if self.store is not None:
+            self.store.close()

@@ -12,8 +12,11 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from ..serving.runtime import ModelRuntime
+from ..serving.snapshots import SnapshotError
+from . import docs, inference_protocol, page
 from .errors import install_error_handlers
 from .middleware import LimitsAndMetrics
 from .routers import router
@@ -29,7 +32,8 @@ async def lifespan(app: FastAPI):
     cfg = state.config
     state.runtime = rt = await state.on_model_thread(
         lambda: ModelRuntime(cfg.model_store, cfg.model_name, cfg.state_dir, cfg.policy_overrides(),
-                             cfg.memory_index, cfg.index_nprobe, cfg.protect_feedback))
+                             cfg.memory_index, cfg.index_nprobe, cfg.protect_feedback, cfg.feedback_db))
+    rt.start_tail()  # what other processes commit
     spec = rt.loaded.input
     await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
     state.metrics.model_info.info({"name": rt.loaded.name, "version": rt.loaded.version,
@@ -54,7 +58,7 @@ async def lifespan(app: FastAPI):
             try:
                 await state.on_model_thread(rt.snapshot)
                 log.info("shutdown snapshot written")
-            except OSError as e:
+            except (OSError, SnapshotError) as e:
                 log.error("shutdown snapshot failed: %s", e)
         rt.close()
         state.model_thread.shutdown(wait=True)
@@ -65,12 +69,18 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     config = config or ServiceConfig()
     app = FastAPI(title="Memory-augmented image classifier", version="0.2.0", lifespan=lifespan,
                   description="Predicts image classes through a feature memory or the network head; "
-                              "labelled feedback updates the memory online.")
+                              "labelled feedback updates the memory online.",
+                  docs_url=None, redoc_url=None)  # self-hosted in docs.py: no CDN
     app.state.service = state = AppState(config)
     app.add_middleware(LimitsAndMetrics, max_body=config.max_upload_bytes, metrics=state.metrics,
                        body_timeout=config.body_timeout)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(inference_protocol.router)
+    app.include_router(page.router)
+    app.include_router(docs.router)
+    app.mount(page.STATIC_URL, StaticFiles(directory=page.STATIC_DIR), name="static")
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
     return app
 
 
@@ -80,8 +90,8 @@ async def _periodic_snapshots(state: AppState) -> None:
         rt = state.runtime
         if rt is not None and rt.dirty:
             try:
-                await state.on_model_thread(rt.snapshot)
-            except OSError as e:
+                await asyncio.get_running_loop().run_in_executor(None, rt.snapshot)  # off the model thread
+            except (OSError, SnapshotError) as e:
                 log.error("periodic snapshot failed: %s", e)
 
 

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.preprocess import ImageError, ImageTooLarge, UnsupportedImageFormat
-from ..serving.journal import JournalError
+from ..serving.feedback_store import FeedbackStoreError, NotFound, StoreUnavailable
+from ..serving.snapshots import SnapshotError
 from ..serving.vocabulary import LabelError
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,14 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str | None, str]] = [
     (UnsupportedImageFormat, 415, None, ""),
     (ImageError, 422, None, ""),
     (LabelError, 422, "invalid_label", ""),
-    (JournalError, 507, "journal_unavailable", "feedback not stored, nothing changed: "),
+    (StoreUnavailable, 503, "feedback_store_unavailable", "nothing was written: "),
+    (FeedbackStoreError, 503, "feedback_store_damaged", "refusing to go on: "),
+    (NotFound, 404, "not_found", ""),
+    (SnapshotError, 507, "snapshot_failed", ""),
     (BodyTooLarge, 413, "body_too_large", "request body exceeds the upload limit"),
     (BodyTimeout, 408, "body_timeout", "the request body arrived too slowly"),
 ]
-STATUSES = (401, 403, 404, 408, 413, 415, 422, 503, 507)
+STATUSES = (401, 403, 404, 408, 410, 413, 415, 422, 503, 507)
 
 
 def error_response(status: int, code: str, detail, headers: dict | None = None) -> JSONResponse:

@@ -22,7 +22,8 @@ class Metrics:
         self.memory_size = Gauge("memory_size", "Items held in memory", registry=r)
         self.memory_capacity = Gauge("memory_capacity", "Memory capacity in items", registry=r)
         self.feedback = Counter("feedback", "Feedback images by outcome", ["outcome"], registry=r)
-        self.journal_latency = Histogram("journal_write_duration_seconds", "Feedback journal append + fsync",
+        self.commit_latency = Histogram("feedback_commit_duration_seconds",
+                                        "Feedback store commit (group commit, durable) as a request waited for it",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.batch_queue = Histogram("batch_queue_duration_seconds", "Time a /predict request waited for its batch",
                                      buckets=(0.0001, 0.00025, *LATENCY_BUCKETS), registry=r)

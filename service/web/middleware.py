@@ -9,7 +9,10 @@ from .errors import BodyTimeout, BodyTooLarge, error_response
 from .metrics import Metrics
 
 ROUTES = {"/predict", "/feedback", "/memory", "/memory/snapshot", "/metrics", "/healthz", "/readyz",
-          "/docs", "/openapi.json"}
+          "/docs", "/openapi.json", "/", "/redoc", "/v2", "/v2/health/live", "/v2/health/ready"}
+
+
+PREFIXES = (("/feedback/", "/feedback/{id}"), ("/v2/models/", "/v2/models/{name}"))
 
 
 class LimitsAndMetrics:
@@ -23,7 +26,9 @@ class LimitsAndMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        endpoint = path if path in ROUTES else next((label for prefix, label in PREFIXES if path.startswith(prefix)),
+                                                    "other")
         status = {"code": 500, "started": False}
         t0 = time.perf_counter()
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 import hmac
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from ..core.preprocess import media_type
+from ..serving.feedback_store import Upload
 from ..serving.runtime import ModelRuntime, Served
 from .errors import STATUSES, ApiError
 from .requests import decode_batch, read_images
-from .schemas import (ClassScore, ErrorBody, FeedbackItem, FeedbackResponse, Health, ImagePrediction,
-                      MemoryResponse, NearestItem, PredictJSON, PredictResponse, SnapshotResponse)
+from .schemas import (ClassScore, ErrorBody, FeedbackItem, FeedbackList, FeedbackResponse, Forgotten, Health,
+                      ImagePrediction, MemoryResponse, NearestItem, PredictJSON, PredictResponse, SnapshotResponse,
+                      StoredExample)
 from .state import AppState
 
 ERRORS = {s: {"model": ErrorBody} for s in STATUSES}
@@ -30,6 +33,8 @@ def app_state(request: Request) -> AppState:
 def runtime(state: AppState = Depends(app_state)) -> ModelRuntime:
     if not state.ready or state.runtime is None:
         raise ApiError(503, "not_ready", "the model is not loaded yet")
+    if state.runtime.failure:
+        raise ApiError(503, "feedback_store_damaged", state.runtime.failure)
     return state.runtime
 
 
@@ -69,18 +74,56 @@ async def predict(request: Request, state: AppState = Depends(app_state),
 
 @router.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, openapi_extra=FEEDBACK_BODY,
              dependencies=[Depends(require_token)])
-async def feedback(request: Request, state: AppState = Depends(app_state),
-                   rt: ModelRuntime = Depends(runtime)) -> FeedbackResponse:
+async def feedback(request: Request, state: AppState = Depends(app_state), rt: ModelRuntime = Depends(runtime),
+                   idempotency_key: str | None = Header(None, max_length=200, description=
+                                                        "a retried request with the same key gets the first "
+                                                        "answer and writes nothing")) -> Response:
     files, label = await read_images(request, state.config, allow_json=False, label_field=True)
-    is_new = rt.check_label(label)  # early, clear refusal before decoding; checked again under the lock
+    _, is_new = rt.check_label(label)  # early, clear refusal before decoding; checked again when applied
     batch, _ = await decode_batch(files, rt.loaded.input, state.config)
-    outcomes = await state.on_model_thread(rt.feedback, batch, label, state.metrics.journal_latency.observe)
-    for o in outcomes:
+    vectors = await state.on_model_thread(rt.embed, batch)
+    uploads = [Upload(f, media_type(f)) for f in files]
+    result = await run_in_threadpool(rt.commit_feedback, vectors, label, uploads, idempotency_key,
+                                     state.metrics.commit_latency.observe)
+    if result.replayed_response:  # a retry: the first answer, byte for byte
+        return Response(result.replayed_response, media_type="application/json",
+                        headers={"Idempotent-Replayed": "true"})
+    for o in result.outcomes:
         state.metrics.feedback.labels(o.action).inc()
     state.update_memory_gauges()
-    return FeedbackResponse(new_class=is_new, items=[
+    body = FeedbackResponse(new_class=is_new, request_id=result.request_id, items=[
         FeedbackItem(feedback_id=o.feedback_id, action=o.action, slot=o.slot, replaced_label=o.previous_label,
-                     label=o.label, label_index=o.label_index) for o in outcomes])
+                     label=o.label, label_index=o.label_index) for o in result.outcomes]).model_dump_json()
+    if idempotency_key is not None:
+        rt.store.set_response(result.request_id, body)
+    return Response(body, media_type="application/json")
+
+
+@router.get("/feedback", response_model=FeedbackList, responses=ERRORS, dependencies=[Depends(require_token)])
+async def list_feedback(rt: ModelRuntime = Depends(runtime), limit: int = Query(50, ge=1, le=500),
+                        before: int | None = Query(None, ge=1)) -> FeedbackList:
+    rows = await run_in_threadpool(rt.store.examples, limit, before)
+    items = [StoredExample(id=r.seq, label=r.label, time=r.created, forgotten=r.forgotten is not None,
+                           request_id=r.request_id) for r in rows]
+    return FeedbackList(items=items, next_before=items[-1].id if len(items) == limit else None)
+
+
+@router.get("/feedback/{feedback_id}/image", responses=ERRORS, dependencies=[Depends(require_token)],
+            response_class=Response)
+async def feedback_image(feedback_id: int, rt: ModelRuntime = Depends(runtime)) -> Response:
+    data, media, forgotten = await run_in_threadpool(rt.store.image, feedback_id)
+    if forgotten:
+        raise ApiError(410, "forgotten", f"feedback {feedback_id} was forgotten: its image is erased")
+    return Response(data, media_type=media or "application/octet-stream")
+
+
+@router.delete("/feedback/{feedback_id}", response_model=Forgotten, responses=ERRORS,
+               dependencies=[Depends(require_token)])
+async def forget_feedback(feedback_id: int, state: AppState = Depends(app_state),
+                          rt: ModelRuntime = Depends(runtime)) -> Forgotten:
+    changed = await run_in_threadpool(rt.forget, feedback_id)
+    state.update_memory_gauges()
+    return Forgotten(id=feedback_id, already=not changed)
 
 
 @router.get("/memory", response_model=MemoryResponse, responses=ERRORS)
@@ -95,11 +138,10 @@ async def snapshot(state: AppState = Depends(app_state), rt: ModelRuntime = Depe
     if rt.memory is None:
         raise ApiError(422, "no_memory", "this model has no memory to snapshot")
     try:
-        path = await state.on_model_thread(rt.snapshot)
+        path = await run_in_threadpool(rt.snapshot)  # a clone under the lock; the writing off the model thread
     except OSError as e:
         raise ApiError(507, "snapshot_failed", f"snapshot not written: {e}")
-    return SnapshotResponse(file=path.name, last_feedback_id=rt.stats.last_snapshot_id,
-                            time=rt.stats.last_snapshot_time)
+    return SnapshotResponse(file=path.name, last_seq=rt.stats.last_snapshot_seq, time=rt.stats.last_snapshot_time)
 
 
 @router.get("/metrics", response_class=Response)

@@ -57,6 +57,26 @@ class FeedbackItem(BaseModel):
 class FeedbackResponse(BaseModel):
     items: list[FeedbackItem]
     new_class: bool
+    request_id: str = Field("", description="the request these examples came in")
+
+
+class StoredExample(BaseModel):
+    id: int = Field(description="feedback id: the example's place in the log's total order")
+    label: str
+    time: float = Field(description="when it was committed (unix seconds)")
+    forgotten: bool
+    request_id: str
+
+
+class FeedbackList(BaseModel):
+    items: list[StoredExample]
+    next_before: int | None = Field(description="pass as `before` for the next (older) page; null at the end")
+
+
+class Forgotten(BaseModel):
+    id: int
+    forgotten: bool = True
+    already: bool = Field(description="it had been forgotten before this request")
 
 
 class MemoryResponse(BaseModel):
@@ -69,7 +89,9 @@ class MemoryResponse(BaseModel):
     classes: list[str] = []
     label_space: int = 0
     last_snapshot_time: float | None = None
-    last_feedback_id: int = 0
+    applied_seq: int = Field(0, description="the last feedback log sequence applied to this memory")
+    feedback_store: str = ""
+    model_version: str = ""
     policy: dict = Field(default_factory=dict, description="the routing policy in force (manifest + overrides)")
     policy_overrides: dict = Field(default_factory=dict, description="policy fields set at serve time")
     state_hash: str = Field("", description="sha256 of the memory state: equal across processes exactly when "
@@ -78,7 +100,7 @@ class MemoryResponse(BaseModel):
 
 class SnapshotResponse(BaseModel):
     file: str
-    last_feedback_id: int
+    last_seq: int
     time: float
 
 

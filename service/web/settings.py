@@ -17,7 +17,9 @@ class ServiceConfig(BaseSettings):
     model_name: str = Field("fashion-mnist", description="the model to serve (a folder name inside the store)")
     api_token: str | None = Field(None, description="bearer token for writes (/feedback, /memory/snapshot); "
                                                     "unset = writes refused")
-    state_dir: str = Field("var", description="folder for the feedback journal and memory snapshots")
+    state_dir: str = Field("var", description="folder for memory snapshots and the default SQLite feedback store")
+    feedback_db: str | None = Field(None, description="feedback store: postgresql://... (several processes or "
+                                    "machines) or sqlite:///path; unset = SQLite at STATE_DIR/feedback.db")
     # explicit overrides of the model's routing policy (manifest.json "routing"; unset = the model's)
     confidence_threshold: float | None = Field(None, ge=0, le=1, description="override the model's memory "
                                                "confidence threshold")
