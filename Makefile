@@ -24,11 +24,11 @@ install: $(VENV)/.installed
 # docker-compose (compose file check) and prometheus (promtool, a real scraper); the review
 # page runs in Debian's chromium (chromium-driver); the feedback store's tests start a
 # throwaway PostgreSQL cluster (postgresql: initdb + pg_ctl)
-APT_PACKAGES := dataset-fashion-mnist docker-compose prometheus chromium chromium-driver postgresql
+APT_PACKAGES := dataset-fashion-mnist docker-compose prometheus chromium chromium-driver postgresql nginx
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 data:
 	@if [ ! -f $(FASHION_MNIST) ] || ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null \
-	  || ! command -v chromedriver >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  || ! command -v chromedriver >/dev/null || ! command -v nginx >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
 
 serve: install

@@ -24,13 +24,13 @@ def pct(x: float | None) -> str:
 
 def training_table() -> str:
     rows = ["| data set | memory | test accuracy (routed) | head only | memory usage | memory-path accuracy "
-            "| memory-path / network-path time | epochs | model |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| threshold (chosen on) | memory-path / network-path time | epochs | model |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for ds, label in (("fashion-mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10 (JPEG copy)")):
         for kind, suffix in (("cached", ""), ("trainable", "-trainable"), ("none", "-none")):
             r = load(f"train-{ds}{suffix}")
-            if r is None:
-                rows.append(f"| {label} | {kind} | not run | | | | | | |")
+            if r is None or "routing" not in r:  # not retrained with a validation split this round
+                rows.append(f"| {label} | {kind} | not rerun with a validation split | | | | | | | |")
                 continue
             f, s = r["final"], r["inference_speed"]
             ratio = s.get("memory_over_network")
@@ -40,8 +40,9 @@ def training_table() -> str:
             mem_acc = "-" if kind == "none" else pct(f["memory_path_accuracy"])
             where = (f"`model_store/{ds}`" if suffix == "" else
                      f"comparison, not kept: `bench/train_models.sh {ds}{suffix}`")
+            chosen = f"{r['routing']['confidence_threshold']:.2f} ({r['data']['threshold_chosen_on']})"
             rows.append(f"| {label} | {kind} | **{pct(f['test_accuracy'])}** | {pct(f['test_head_accuracy'])} | "
-                        f"{usage} | {mem_acc} | {timing} | {len(r['history'])} | {where} |")
+                        f"{usage} | {mem_acc} | {chosen} | {timing} | {len(r['history'])} | {where} |")
     return "\n".join(rows)
 
 
@@ -49,7 +50,8 @@ def sweep_table(name: str) -> str:
     r = load(f"train-{name}")
     if r is None:
         return f"(train-{name} not run)"
-    rows = ["| threshold | memory usage | memory-path accuracy | overall accuracy |", "|---|---|---|---|"]
+    rows = ["| threshold | memory usage | memory-path accuracy | overall accuracy (validation split) |",
+            "|---|---|---|---|"]
     for s in r["threshold_sweep"]:
         rows.append(f"| {s['threshold']:.2f} | {pct(s['memory_usage'])} | {pct(s['memory_path_accuracy'])} | "
                     f"{pct(s['accuracy'])} |")
@@ -107,8 +109,9 @@ def service_headline() -> str:
         f"JSON error, the {sum(c_['expected'] == 200 for c_ in b['cases'])} odd but valid images a 200), "
         f"**{b['5xx']} 5xx**, memory unchanged.",
         f"- kill -9 during a feedback stream, {len(cr['rounds'])} rounds: "
-        f"{cr['acknowledged']} acknowledged feedback, "
-        f"**{cr['lost']} lost**, {cr['duplicates']} applied twice.",
+        f"{cr['acknowledged']} acknowledged feedback, **{cr['lost']} lost**; the restarted memory equals a rebuild "
+        f"from the log alone in {len(cr['rounds']) - cr['rounds_differing_from_rebuild']} of {len(cr['rounds'])} "
+        f"rounds.",
     ])
 
 
@@ -118,12 +121,48 @@ def crash_table() -> str:
         return "(crash_recovery not run)"
     res = r["results"]
     rows = [f"{len(res['rounds'])} rounds, one state folder: **{res['acknowledged']} acknowledged feedback, "
-            f"{res['lost']} lost, {res['duplicates']} applied twice**.", "",
-            "| round | acknowledged | lost | journal records after restart | restart s |", "|---|---|---|---|---|"]
-    rows += [f"| {x['round']} | {x['acknowledged']} | {x['lost']} | {x['journal_records']} | "
-             f"{x['restart_seconds']:.2f} |" for x in res["rounds"]]
-    rows.append("\nJournal records can exceed the acknowledged count: a feedback journalled (and applied) "
+            f"{res['lost']} lost**; rounds whose restarted memory differs from a rebuild from the log alone: "
+            f"**{res['rounds_differing_from_rebuild']}**.", "",
+            "| round | acknowledged | lost | log applied up to seq | equals a rebuild from the log | restart s |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {x['round']} | {x['acknowledged']} | {x['lost']} | {x['applied_seq']} | "
+             f"{x['equals_rebuild_from_log']} | {x['restart_seconds']:.2f} |" for x in res["rounds"]]
+    rows.append("\nThe log can hold more than the acknowledged count: an example committed (and applied) "
                 "whose response the kill cut off is kept, never lost.")
+    return "\n".join(rows)
+
+
+def policy_grid_table(name: str) -> str:
+    r = load(f"online-policy-grid-{name}")
+    if r is None:
+        return f"(online-policy-grid-{name} not run)"
+    res = r["results"]
+    v = res["validation"]
+    rows = [f"K = {res['k']} shots per new class, {r['config']['seeds']} draws; validation: {v['old']} old-class "
+            f"images (the model's validation split) + {v['new_per_class']} per new class (its training images, "
+            "never shots). Chosen: the best mean.", "",
+            "| class balance | new-class threshold | new recall | old accuracy | mean(old, new) |", "|---|---|---|---|---|"]
+    for t in res["table"]:
+        best = t is not None and t["class_balance"] == res["chosen"]["class_balance"] and \
+            t["new_class_threshold"] == res["chosen"]["new_class_threshold"]
+        b = "**" if best else ""
+        rows.append(f"| {t['class_balance']} | {t['new_class_threshold'] if t['new_class_threshold'] is not None else 'unset (= threshold)'} "
+                    f"| {pct(t['new_recall'])} | {pct(t['old_accuracy'])} | {b}{pct(t['mean_old_new'])}{b} |")
+    return "\n".join(rows)
+
+
+def served_accuracy_table() -> str:
+    rows = ["| model | test images via HTTP | served accuracy | training report (test) | memory share | threshold (chosen on) |",
+            "|---|---|---|---|---|---|"]
+    for ds, label in (("fashion-mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10 (JPEG copy)")):
+        r = load(f"served_accuracy-{ds}")
+        if r is None:
+            rows.append(f"| {label} | not run | | | | |")
+            continue
+        x = r["results"]
+        rows.append(f"| {label} (`{ds}`, version {x['model_version']}) | {x['images']} | **{pct(x['accuracy'])}** | "
+                    f"{pct(x['manifest_test_accuracy'])} | {pct(x['memory_share'])} | "
+                    f"{x['policy']['confidence_threshold']} ({x['threshold_chosen_on']}) |")
     return "\n".join(rows)
 
 
@@ -319,7 +358,8 @@ if __name__ == "__main__":
                 "load": load_table, "retrieval": retrieval_table,
                 "online-fashion-mnist": lambda: online_table("fashion-mnist"),
                 "online-cifar10": lambda: online_table("cifar10"), "online-ablation": online_ablation_table,
-                "shift": shift_table}
+                "shift": shift_table, "policy-grid-fashion-mnist": lambda: policy_grid_table("fashion-mnist"),
+                "policy-grid-cifar10": lambda: policy_grid_table("cifar10"), "served-accuracy": served_accuracy_table}
     if sys.argv[1:2] == ["--update"]:
         for f in sys.argv[2:]:
             update_file(Path(f), sections)

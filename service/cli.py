@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import ast
 import dataclasses
 import inspect
@@ -71,22 +72,63 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(p_train, TrainConfig)
     add_dataclass_args(p_train, ClassifierConfig, skip=DERIVED)
     add_dataclass_args(p_train, RoutingPolicy)
+    p_train.add_argument("--feedback-db", default=None,
+                         help="fold the examples users taught (not forgotten) into the training split: a feedback "
+                              "store URL (postgresql://... or sqlite:///path/feedback.db); class names included")
+    p_train.set_defaults(func=train)
 
     add_serve_parser(sub)
 
-    ns = parser.parse_args(argv)
-    if ns.command == "train":
-        from .core.data import DatasetMissing
-        from .core.train import run_training
+    p_fb = sub.add_parser("feedback", help="the feedback store: export what users taught")
+    fb_sub = p_fb.add_subparsers(dest="feedback_command", required=True)
+    p_export = fb_sub.add_parser("export", help="write the stored images (not forgotten) to OUT/train/<label>/<id>.<ext>, "
+                                                "the layout --dataset imagefolder reads")
+    p_export.add_argument("--feedback-db", required=True, help="postgresql://... or sqlite:///path/feedback.db")
+    p_export.add_argument("--out", required=True, help="folder to write")
+    p_export.set_defaults(func=export_feedback)
 
-        try:
-            tc, cc, policy = pick(TrainConfig, ns), pick(ClassifierConfig, ns), pick(RoutingPolicy, ns)
-            run_training(tc, cc, policy)
-        except (ValueError, DatasetMissing) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
+    ns = parser.parse_args(argv)
     return ns.func(ns)
+
+
+def train(ns: argparse.Namespace) -> int:
+    from .core.data import DatasetMissing, load_dataset
+    from .core.store import InputSpec
+    from .core.train import TrainConfig, run_training
+
+    try:
+        tc, cc, policy = pick(TrainConfig, ns), pick(ClassifierConfig, ns), pick(RoutingPolicy, ns)
+        ds, taught = None, None
+        if ns.feedback_db:
+            from .serving.export import taught_examples
+            from .serving.feedback_store import open_store
+
+            ds = load_dataset(tc.dataset, tc.data_dir, tc.download)
+            store = open_store(ns.feedback_db, ".")
+            try:
+                taught = taught_examples(store, InputSpec(ds.image_size, ds.in_chans, [0.0], [1.0]))
+            finally:
+                store.close()
+            print(f"folding {len(taught[1])} taught examples from the feedback store into training", flush=True)
+        run_training(tc, cc, policy, ds=ds, taught=taught)
+    except (ValueError, DatasetMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export_feedback(ns: argparse.Namespace) -> int:
+    from .serving.export import export_imagefolder
+    from .serving.feedback_store import open_store
+
+    store = open_store(ns.feedback_db, ".")
+    try:
+        n = export_imagefolder(store, ns.out)
+    finally:
+        store.close()
+    print(f"exported {n} examples to {ns.out}/train/<label>/")
+    return 0
+
 
 def add_settings_args(parser: argparse.ArgumentParser, cls) -> None:
     """Flags from a pydantic-settings class; left unset (None), the environment decides."""
@@ -110,6 +152,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")),
+                   help="server processes, each a full copy of the model kept consistent through the feedback "
+                        "store (env WEB_CONCURRENCY, default: 1)")
     add_settings_args(p, ServiceConfig)
     p.set_defaults(func=serve)
 
@@ -129,6 +174,18 @@ def serve(ns: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=ns.host, port=ns.port, log_level=ns.log_level,
+    if ns.workers < 1:
+        print("error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if ns.workers == 1:
+        uvicorn.run(create_app(config), host=ns.host, port=ns.port, log_level=ns.log_level,
+                    timeout_graceful_shutdown=30, timeout_keep_alive=5)
+        return 0
+    # several processes: each builds the app from the environment (the flags given here are
+    # passed down as their variables) and shares the cores instead of each taking them all
+    for name in overrides:
+        os.environ[name.upper()] = str(overrides[name])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ns.workers)))
+    uvicorn.run("service.web.app:app", host=ns.host, port=ns.port, log_level=ns.log_level, workers=ns.workers,
                 timeout_graceful_shutdown=30, timeout_keep_alive=5)
     return 0

@@ -30,13 +30,41 @@ def test_dockerfile_runs_as_non_root_with_healthcheck():
     assert "COPY model_store" in text and "VOLUME" in text and "service.web.app:app" in text
 
 
-def test_compose_file_is_valid():
-    r = subprocess.run([tool("docker-compose"), "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
-                       capture_output=True, text=True, env=os.environ | {"API_TOKEN": "x"})
+@pytest.mark.parametrize("compose", ["docker-compose.yml", "docker-compose.replicated.yml"])
+def test_compose_file_is_valid(compose):
+    r = subprocess.run([tool("docker-compose"), "-f", str(ROOT / compose), "config", "--quiet"],
+                       capture_output=True, text=True, env=os.environ | {"API_TOKEN": "x", "POSTGRES_PASSWORD": "y"})
     assert r.returncode == 0, r.stderr
 
 
-def test_prometheus_config_is_valid():
-    r = subprocess.run([tool("promtool"), "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+def test_replicated_compose_runs_two_replicas_on_postgresql_behind_nginx():
+    import yaml
+
+    r = subprocess.run([tool("docker-compose"), "-f", str(ROOT / "docker-compose.replicated.yml"), "config"],
+                       capture_output=True, text=True, env=os.environ | {"API_TOKEN": "x", "POSTGRES_PASSWORD": "y"})
+    services = yaml.safe_load(r.stdout)["services"]
+    replicas = [s for s in services if s.startswith("classifier")]
+    assert len(replicas) == 2 and {"postgres", "nginx", "prometheus"} <= set(services)
+    for name in replicas:
+        assert services[name]["environment"]["FEEDBACK_DB"].startswith("postgresql://")
+    nginx = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert all(f"server {name}:8000" in nginx for name in replicas)
+
+
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-replicated.yml"])
+def test_prometheus_config_is_valid(config):
+    r = subprocess.run([tool("promtool"), "check", "config", str(ROOT / "deploy" / config)],
                        capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_nginx_config_is_valid():
+    conf = (ROOT / "deploy" / "nginx.conf").read_text().replace("server classifier-1:8000", "server 127.0.0.1:8001") \
+        .replace("server classifier-2:8000", "server 127.0.0.1:8002").replace("listen 8000;", "listen 127.0.0.1:18000;")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "nginx.conf"
+        path.write_text(conf)
+        r = subprocess.run([tool("nginx"), "-t", "-c", str(path), "-p", d, "-e", str(Path(d) / "error.log"),
+                            "-g", f"pid {d}/nginx.pid;"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

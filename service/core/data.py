@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import os
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,8 @@ def load_imagefolder(path: str, name: str | None = None) -> Dataset:
     for n in names:
         parts = n.split("/")
         if len(parts) >= 3 and parts[-3] in entries and n.lower().endswith(IMAGE_SUFFIXES):
-            entries[parts[-3]].append((parts[-2], n))
+            # folder names are class names, percent-decoded ("T-shirt%2Ftop": the feedback export)
+            entries[parts[-3]].append((urllib.parse.unquote(parts[-2]), n))
     if not entries["train"] or not entries["test"]:
         raise DatasetMissing(f"{path!r} holds no train/<class>/ and test/<class>/ images")
     classes = sorted({c for c, _ in entries["train"]})
@@ -201,6 +203,23 @@ def keep_classes(ds: Dataset, exclude: list[str]) -> Dataset:
         keep = new >= 0
         return Split(s.images[keep], new[keep])
     return Dataset(ds.name, split(ds.train), split(ds.test), kept)
+
+
+def fold_in(ds: Dataset, images: torch.Tensor, names: list[str]) -> tuple[Dataset, Split]:
+    """Examples taught by users as extra training data: (the data set with any new class
+    names appended, the examples as a Split in its label space). A name matches an existing
+    class when they differ only in case (the service's rule)."""
+    classes = list(ds.classes)
+    index = {c.casefold(): i for i, c in enumerate(classes)}
+    labels = []
+    for n in names:
+        if n.casefold() not in index:
+            index[n.casefold()] = len(classes)
+            classes.append(n)
+        labels.append(index[n.casefold()])
+    if images.shape[1:] != ds.train.images.shape[1:]:
+        raise ValueError(f"taught examples are {tuple(images.shape[1:])}, the data set {tuple(ds.train.images.shape[1:])}")
+    return Dataset(ds.name, ds.train, ds.test, classes), Split(images, torch.tensor(labels, dtype=torch.int64))
 
 
 def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

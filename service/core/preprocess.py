@@ -51,7 +51,15 @@ def media_type(data: bytes) -> str:
 
 
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
-    """One image file -> (C, H, W) float tensor, normalised with the model's statistics.
+    """One image file -> (C, H, W) float tensor, normalised with the model's statistics."""
+    x = decode_pixels(data, spec, limits).float() / 255.0  # (C, H, W)
+    mean = torch.tensor(spec.mean).view(-1, 1, 1)
+    std = torch.tensor(spec.std).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def decode_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
+    """One image file -> (C, H, W) uint8 at the model's size and channels (what training reads).
 
     The header is read first and the size checked before any pixel is decoded, so a
     decompression bomb costs nothing. Animated images give their first frame; EXIF
@@ -83,12 +91,8 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
         raise ImageTooLarge("image_too_large", f"decompression bomb refused: {e}") from e
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise ImageError("corrupt_image", f"the image could not be decoded: {e}") from e
-    arr = np.asarray(im, dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr.copy())
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
-    return (x - mean) / std
+    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
 
 
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Dataset, augment, carve_validation, keep_classes, load_dataset, normalize, stratified_indices, subset
+from .data import (Dataset, Split, augment, carve_validation, fold_in, keep_classes, load_dataset, normalize,
+                   stratified_indices, subset)
 from .model import ClassifierConfig, EnhancedClassifier
 from .routing import RoutingPolicy, route
 from .store import InputSpec, save_model, sha256_bytes
@@ -271,17 +272,24 @@ def make_optimizer(model: EnhancedClassifier, tc: TrainConfig, total_steps: int)
 
 
 def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | None = None,
-                 ds: Dataset | None = None, save: bool = True) -> dict:
-    """The whole experiment; returns the report (also written beside the model)."""
+                 ds: Dataset | None = None, save: bool = True, taught: tuple[torch.Tensor, list[str]] | None = None
+                 ) -> dict:
+    """The whole experiment; returns the report (also written beside the model). `taught`:
+    examples users taught ((N, C, H, W) uint8, labels), added to the training split only."""
     policy = RoutingPolicy() if policy is None else policy
     torch.manual_seed(tc.seed)
     if ds is None:
         ds = load_dataset(tc.dataset, tc.data_dir, tc.download)
     if tc.exclude_classes:
         ds = keep_classes(ds, tc.exclude_classes)
+    extra = None
+    if taught is not None and len(taught[1]):
+        ds, extra = fold_in(ds, *taught)
     train, val, val_idx = carve_validation(ds.train, tc.validation_size, tc.seed)
     if tc.limit_train is not None:
         train = subset(train, stratified_indices(train.labels, tc.limit_train, tc.seed))
+    if extra is not None:
+        train = Split(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
     test = ds.test if tc.limit_test is None else subset(ds.test, stratified_indices(ds.test.labels, tc.limit_test,
                                                                                     tc.seed))
     train_x, train_y, test_x, test_y = train.images, train.labels, test.images, test.labels
@@ -352,6 +360,7 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
     split = {"dataset": ds.name, "exclude_classes": list(tc.exclude_classes), "validation_size": len(val.labels),
              "validation_seed": tc.seed, "validation_indices_sha256": sha256_bytes(val_idx.numpy().tobytes()),
              "train_size": len(train_y), "test_size": len(test_y),
+             "taught_examples": 0 if extra is None else len(extra.labels),
              "threshold_chosen_on": "validation" if tc.choose_threshold else "given (--confidence-threshold)"}
     report = {
         "train_config": asdict(tc),

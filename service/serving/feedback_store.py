@@ -61,7 +61,7 @@ SCHEMA = [
         model_version TEXT NOT NULL,
         seq BIGINT NOT NULL,
         vector {blob} NOT NULL,
-        crc INTEGER NOT NULL,
+        crc BIGINT NOT NULL,
         PRIMARY KEY (model_version, seq))""",
 ]
 
@@ -211,15 +211,23 @@ class FeedbackStore:
     def _transaction(self, write: bool = False) -> "_Tx":
         return self._Tx(self, write)
 
+    def _read(self, text: str, args: tuple, fetch: str):
+        # a read on a connection that went stale (the server restarted) fails once: one more
+        # try on a fresh connection before saying the store is unavailable
+        for attempt in (1, 2):
+            try:
+                with self._transaction() as cur:
+                    cur.execute(self.sql(text), args)
+                    return getattr(cur, fetch)()
+            except StoreUnavailable:
+                if attempt == 2:
+                    raise
+
     def _one(self, text: str, args: tuple = ()):
-        with self._transaction() as cur:
-            cur.execute(self.sql(text), args)
-            return cur.fetchone()
+        return self._read(text, args, "fetchone")
 
     def _all(self, text: str, args: tuple = ()):
-        with self._transaction() as cur:
-            cur.execute(self.sql(text), args)
-            return cur.fetchall()
+        return self._read(text, args, "fetchall")
 
     # --- writes: one writer thread, group commit ------------------------------------------------
     def start(self) -> None:

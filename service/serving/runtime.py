@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -172,7 +173,7 @@ class ModelRuntime:
         r: AppendResult = self.store.append(uuid.uuid4().hex, idempotency_key, name, uploads, self.version, vectors)
         if commit_timer is not None:
             commit_timer(time.perf_counter() - t)
-        self.sync(upto=max(r.seqs))
+        self._sync_after_commit(max(r.seqs))
         if r.replayed_response is not None:
             return FeedbackResult(r.request_id, self._outcomes_of(r.seqs), r.replayed_response or None)
         return FeedbackResult(r.request_id, self._outcomes_of(r.seqs))
@@ -181,7 +182,9 @@ class ModelRuntime:
         out = []
         for s in seqs:
             o = self.outcomes.get(s)
-            if o is None:  # applied long ago, or skipped (label space full): say what memory holds now
+            if o is None and s > self.applied_seq:  # committed, not applied yet here (store unreachable)
+                o = FeedbackOutcome(s, "pending", None, None, "", -1)
+            elif o is None:  # applied long ago, or skipped (label space full): say what memory holds now
                 slots = (self.slot_feedback == s).nonzero().squeeze(1).tolist()
                 o = FeedbackOutcome(s, "added" if slots else "skipped", slots[0] if slots else None, None, "", -1)
             out.append(o)
@@ -192,8 +195,21 @@ class ModelRuntime:
         slot empties here now, in other processes when they tail). NotFound when unknown;
         False when it was already forgotten."""
         event_seq, _ = self.store.forget(seq)
-        self.sync(upto=event_seq)
+        if event_seq is not None:
+            self._sync_after_commit(event_seq)
         return event_seq is not None
+
+    def _sync_after_commit(self, seq: int) -> None:
+        """Read-your-writes after a commit. The commit stands whatever happens here: if the
+        store cannot be read right now, the tail thread applies it once it can, and the
+        answer says so ("pending") instead of pretending nothing was written."""
+        for attempt in range(3):
+            try:
+                self.sync(upto=seq)
+                return
+            except StoreUnavailable as err:
+                log.warning("applying committed feedback up to seq %d failed (%s); try %d", seq, err, attempt + 1)
+                time.sleep(0.2 * (attempt + 1))
 
     # --- applying the log ------------------------------------------------------------------------
     def sync(self, upto: int | None = None, progress: bool = False) -> int:
@@ -398,7 +414,7 @@ class ModelRuntime:
     def memory_info(self) -> dict:
         """What /memory shows; takes the memory lock (call it off the event loop)."""
         base = {"policy": self.policy.to_dict(), "policy_overrides": dict(self.overrides),
-                "state_hash": self.state_hash(), "model_version": self.version}
+                "state_hash": self.state_hash(), "model_version": self.version, "pid": os.getpid()}
         if self.memory is None:
             return {"kind": "none", "capacity": 0, "size": 0, "per_class": {}, "replacements": 0, **base}
         with self.lock:

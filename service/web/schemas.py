@@ -47,7 +47,8 @@ class PredictResponse(BaseModel):
 
 class FeedbackItem(BaseModel):
     feedback_id: int
-    action: Literal["added", "replaced", "skipped"]
+    action: Literal["added", "replaced", "skipped", "pending"] = Field(
+        description="what this process's memory did; pending: committed, applied as soon as the store is readable")
     slot: int | None
     replaced_label: str | None = Field(description="label the slot held before, when replaced")
     label: str
@@ -92,6 +93,7 @@ class MemoryResponse(BaseModel):
     applied_seq: int = Field(0, description="the last feedback log sequence applied to this memory")
     feedback_store: str = ""
     model_version: str = ""
+    pid: int = Field(0, description="the server process that answered (several serve one port with --workers)")
     policy: dict = Field(default_factory=dict, description="the routing policy in force (manifest + overrides)")
     policy_overrides: dict = Field(default_factory=dict, description="policy fields set at serve time")
     state_hash: str = Field("", description="sha256 of the memory state: equal across processes exactly when "
