@@ -7,7 +7,7 @@ CIFAR_ZIP ?= ../shared/data/cifar10-jpeg.zip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install data serve test soak reliability train-fashion-mnist train-cifar10 models bench bench-perf bench-online lint clean
+.PHONY: install data serve test soak reliability train-fashion-mnist train-cifar10 models bench bench-perf bench-online bench-store lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,9 +72,20 @@ bench-perf: install data
 	$(PY) bench/early_exit.py --dataset fashion-mnist --models runs/store/fashion-mnist-poolnet runs/store/fashion-mnist-stage1 runs/store/fashion-mnist-stage2
 	$(PY) bench/early_exit.py --dataset cifar10 --models model_store/cifar10 runs/store/cifar10-stage1 runs/store/cifar10-stage2
 
-# issue 6: online learning through /feedback
+# issue 11: the feedback store (throughput, replication lag, start-up), served accuracy
+bench-store: install data
+	$(PY) bench/feedback_store.py throughput
+	$(PY) bench/feedback_store.py lag
+	$(PY) bench/feedback_store.py startup
+	$(PY) bench/served_accuracy.py --dataset fashion-mnist
+	$(PY) bench/served_accuracy.py --dataset cifar10
+	$(PY) bench/crash_recovery.py --rounds 10
+
+# online learning through /feedback; the policy is chosen on validation data (policy-grid)
 bench-online: install data
 	bench/train_models.sh fashion-mnist-8 && bench/train_models.sh cifar10-8
+	$(PY) bench/online_learning.py policy-grid --dataset fashion-mnist --seeds 3
+	$(PY) bench/online_learning.py policy-grid --dataset cifar10 --seeds 3
 	$(PY) bench/online_learning.py new-classes --dataset fashion-mnist
 	$(PY) bench/online_learning.py new-classes --dataset cifar10
 	$(PY) bench/online_learning.py shift --dataset fashion-mnist

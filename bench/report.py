@@ -344,8 +344,13 @@ def update_file(path: Path, sections: dict) -> None:
         begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
         if begin in text:
             head, rest = text.split(begin, 1)
-            _, tail = rest.split(end, 1)
-            text = f"{head}{begin}\n{make()}\n{end}{tail}"
+            old, tail = rest.split(end, 1)
+            try:
+                body = make()
+            except KeyError as e:  # a record written by an older version of its benchmark: keep the text
+                print(f"{path}: section {name} kept as it was (its record lacks {e}; re-run its benchmark)")
+                body = old.strip("\n")
+            text = f"{head}{begin}\n{body}\n{end}{tail}"
     path.write_text(text)
     print(f"updated {path}")
 

@@ -1,6 +1,7 @@
 """The HTTP API through FastAPI's TestClient, on a tiny stored model."""
 
 import base64
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -282,3 +283,21 @@ def test_batched_and_unbatched_services_give_equal_answers_and_export_queue_time
 def test_bad_batching_settings_are_refused(bad):
     with pytest.raises(ValueError, match="MAX_BATCH"):
         ServiceConfig(**bad)
+
+
+def test_healthz_answers_while_memory_waits_for_the_memory_lock(client):
+    import threading
+
+    rt = client.app.state.service.runtime
+    answers = {}
+    with rt.lock:  # as a long write or snapshot copy would hold it
+        waiting = threading.Thread(target=lambda: answers.update(memory=client.get("/memory").status_code))
+        waiting.start()
+        time.sleep(0.5)  # /memory is in flight, waiting for the lock
+        health = threading.Thread(target=lambda: answers.update(health=client.get("/healthz").status_code))
+        health.start()
+        health.join(10)
+        assert answers.get("health") == 200, "the event loop was blocked by /memory waiting for the lock"
+        assert "memory" not in answers  # /memory is still waiting, off the loop
+    waiting.join(10)
+    assert answers["memory"] == 200

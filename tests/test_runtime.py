@@ -52,15 +52,25 @@ def same(a, b):
     return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
 
 
-def test_the_log_alone_rebuilds_the_exact_memory(make_runtime, tmp_path):
-    rt = make_runtime()
+@pytest.mark.parametrize("protect", [True, False])
+def test_the_log_alone_rebuilds_the_exact_memory(make_runtime, tmp_path, protect):
+    rt = make_runtime(protect_feedback=protect)
     for i in range(12):  # past capacity 16 - 8 prefilled: replacements happen too
         teach(rt, [i, 100 + i] if i % 4 == 0 else [i], ["one", "two", "Novel"][i % 3])
     expected, expected_hash = state(rt), rt.state_hash()
     rt.close()
-    rt2 = make_runtime()  # no snapshot was written: the trained model + the whole log
+    rt2 = make_runtime(protect_feedback=protect)  # no snapshot written: the trained model + the whole log
     assert rt2.stats.restored_from_seq == 0 and rt2.stats.feedback_applied == 15
     assert same(state(rt2), expected) and rt2.state_hash() == expected_hash
+
+
+def test_a_request_of_several_images_is_applied_whole_on_replay_as_live(make_runtime):
+    rt = make_runtime(protect_feedback=False)
+    r = teach(rt, [40, 41, 42], "Novel")  # one request: its three examples land in three slots
+    assert len({o.slot for o in r.outcomes}) == 3
+    expected = rt.state_hash()
+    rt.close()
+    assert make_runtime(protect_feedback=False).state_hash() == expected
 
 
 def test_snapshot_plus_the_log_after_it_equals_the_live_memory(make_runtime):

@@ -79,7 +79,9 @@ async def feedback(request: Request, state: AppState = Depends(app_state), rt: M
                                                         "a retried request with the same key gets the first "
                                                         "answer and writes nothing")) -> Response:
     files, label = await read_images(request, state.config, allow_json=False, label_field=True)
-    _, is_new = rt.check_label(label)  # early, clear refusal before decoding; checked again when applied
+    # an early, clear refusal before decoding (checked again when applied); in the thread pool,
+    # since it reads the class names under the memory lock
+    _, is_new = await run_in_threadpool(rt.check_label, label)
     batch, _ = await decode_batch(files, rt.loaded.input, state.config)
     vectors = await state.on_model_thread(rt.embed, batch)
     uploads = [Upload(f, media_type(f)) for f in files]
