@@ -159,9 +159,13 @@ class ModelRuntime:
 
     # --- feedback ------------------------------------------------------------------------------
     @torch.no_grad()
+    def embed_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D) float32: the memory keys this model version stores."""
+        return self.model.embed(images)[0].float()
+
     def embed(self, images: torch.Tensor) -> list[np.ndarray]:
-        """(B, C, H, W) -> the memory keys this model version stores, one (D,) float32 each."""
-        return list(self.model.embed(images)[0].float().numpy())
+        """The same, one (D,) array per image."""
+        return list(self.embed_batch(images).numpy())
 
     def commit_feedback(self, vectors: list[np.ndarray], label: str, uploads: list[Upload],
                         idempotency_key: str | None = None, commit_timer=None) -> FeedbackResult:

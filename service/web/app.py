@@ -52,8 +52,7 @@ async def lifespan(app: FastAPI):
         state.ready = False
         if task:
             task.cancel()
-        if state.batcher is not None:
-            await state.batcher.stop()
+        await state.stop_batchers()
         if rt.memory is not None:
             try:
                 await state.on_model_thread(rt.snapshot)

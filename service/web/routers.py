@@ -83,7 +83,7 @@ async def feedback(request: Request, state: AppState = Depends(app_state), rt: M
     # since it reads the class names under the memory lock
     _, is_new = await run_in_threadpool(rt.check_label, label)
     batch, _ = await decode_batch(files, rt.loaded.input, state.config)
-    vectors = await state.on_model_thread(rt.embed, batch)
+    vectors = await state.embed(batch)
     uploads = [Upload(f, media_type(f)) for f in files]
     result = await run_in_threadpool(rt.commit_feedback, vectors, label, uploads, idempotency_key,
                                      state.metrics.commit_latency.observe)

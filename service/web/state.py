@@ -18,6 +18,7 @@ class AppState:
         self.config = config
         self.runtime: ModelRuntime | None = None
         self.batcher: DynamicBatcher | None = None  # None: MAX_BATCH_SIZE 1, each request runs alone
+        self.embed_batcher: DynamicBatcher | None = None  # /feedback's embeddings, batched the same way
         self.ready = False
         self.metrics = Metrics()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -37,6 +38,15 @@ class AppState:
             self.batcher = DynamicBatcher(lambda x: self.on_model_thread(rt.predict, x),
                                           BatchConfig(cfg.max_batch_size, cfg.max_batch_wait_ms), self._observe_batch)
             self.batcher.start()
+            if rt.memory is not None:  # concurrent feedback requests share one backbone pass
+                self.embed_batcher = DynamicBatcher(lambda x: self.on_model_thread(rt.embed_batch, x),
+                                                    BatchConfig(cfg.max_batch_size, cfg.max_batch_wait_ms))
+                self.embed_batcher.start()
+
+    async def stop_batchers(self) -> None:
+        for b in (self.batcher, self.embed_batcher):
+            if b is not None:
+                await b.stop()
 
     async def predict(self, images: torch.Tensor):
         """Through the dynamic batcher, or straight to the model thread without one."""
@@ -46,6 +56,13 @@ class AppState:
             return served, len(images)
         r = await self.batcher.submit(images)
         return r.result.select(r.rows), r.batch_size
+
+    async def embed(self, images: torch.Tensor) -> list:
+        """Feedback images -> the vectors this model version stores, batched with concurrent requests."""
+        if self.embed_batcher is None:
+            return await self.on_model_thread(self.runtime.embed, images)
+        r = await self.embed_batcher.submit(images)
+        return list(r.result[r.rows].numpy())
 
     def update_memory_gauges(self) -> None:
         rt = self.runtime
