@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import signal
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import header, write_record  # noqa: E402
-from bench.live import Server  # noqa: E402
+from bench.live import Server, copy_sqlite  # noqa: E402
 
 
 def stream(server: Server, stop: threading.Event, acked: list, seed: int) -> None:
@@ -51,7 +50,7 @@ def stream(server: Server, stop: threading.Event, acked: list, seed: int) -> Non
 def rebuild_from_log(state: Path) -> str:
     """Start a fresh server on a copy of the feedback store alone (no snapshot); its state hash."""
     with tempfile.TemporaryDirectory() as d:
-        shutil.copyfile(state / "feedback.db", Path(d) / "feedback.db")
+        copy_sqlite(state / "feedback.db", Path(d) / "feedback.db")
         s = Server(Path(d), SNAPSHOT_INTERVAL="0").start()
         try:
             return httpx.get(s.url + "/memory", timeout=30).json()["state_hash"]

@@ -60,3 +60,14 @@ class Server:
     def kill(self, sig=signal.SIGKILL) -> int:
         self.proc.send_signal(sig)
         return self.proc.wait(60)
+
+
+def copy_sqlite(src: Path, dst: Path) -> None:
+    """A consistent copy of a SQLite database, its write-ahead log included (SQLite's backup
+    API: copying the main file alone can miss the commits still in `-wal`)."""
+    import sqlite3
+
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    b.close()
+    a.close()

@@ -7,7 +7,6 @@ quarter of the run."""
 import json
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from service.serving.runtime import ModelRuntime
-from bench.live import ROOT, Server
+from bench.live import ROOT, Server, copy_sqlite
 from tests.test_server import TOKEN
 
 CLIENTS = 32
@@ -102,7 +101,7 @@ def test_soak_mixed_load(tmp_path, images):
     # the memory equals the state rebuilt from the feedback log alone (no snapshot)
     replay_dir = tmp_path / "replay"
     replay_dir.mkdir()
-    shutil.copyfile(tmp_path / "state" / "feedback.db", replay_dir / "feedback.db")
+    copy_sqlite(tmp_path / "state" / "feedback.db", replay_dir / "feedback.db")
     rebuilt = ModelRuntime(ROOT / "model_store", "fashion-mnist", replay_dir)
     assert rebuilt.stats.restored_from_seq == 0 and rebuilt.applied_seq == mem["applied_seq"]
     assert rebuilt.state_hash() == mem["state_hash"]
