@@ -113,6 +113,7 @@ class ModelRuntime:
         self._tail_stop = threading.Event()
         self._tail: threading.Thread | None = None
         self._dirty = False
+        self._hash_cache: tuple[tuple, str] | None = None
         self.snapshots = SnapshotStore(Path(state_dir) / self.loaded.name / self.version)
         self.store: FeedbackStore | None = None
         if self.memory is not None:
@@ -405,15 +406,22 @@ class ModelRuntime:
     def state_hash(self) -> str:
         """sha256 of the memory state (every tensor of state_dict, the slot -> feedback map and
         the class names): equal on two processes exactly when their memories are equal."""
-        h = hashlib.sha256()
         with self.lock:
+            # every change to the memory moves the applied sequence or the write counter:
+            # /memory (polled by the review page) need not hash megabytes each time
+            key = (self.applied_seq, int(self.memory.writes) if self.memory is not None else 0,
+                   len(self.vocab.names), int(self.slot_feedback.sum()))
+            if self._hash_cache is not None and self._hash_cache[0] == key:
+                return self._hash_cache[1]
+            h = hashlib.sha256()
             if self.memory is not None:
                 for k, v in sorted(self.memory.state_dict().items()):
                     h.update(k.encode())
                     h.update(v.detach().contiguous().numpy().tobytes())
             h.update(self.slot_feedback.numpy().tobytes())
             h.update(json.dumps(self.vocab.names).encode())
-        return h.hexdigest()
+            self._hash_cache = (key, h.hexdigest())
+            return self._hash_cache[1]
 
     def memory_info(self) -> dict:
         """What /memory shows; takes the memory lock (call it off the event loop)."""
