@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import ast
 import dataclasses
 import inspect
@@ -16,6 +17,7 @@ import sys
 import textwrap
 import types
 import typing
+from pathlib import Path
 
 from .core.model import ClassifierConfig
 from .core.routing import RoutingPolicy
@@ -186,6 +188,12 @@ def serve(ns: argparse.Namespace) -> int:
     for name in overrides:
         os.environ[name.upper()] = str(overrides[name])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ns.workers)))
+    # one /metrics for all processes: prometheus_client's multiprocess mode, in a folder of
+    # this server's own (emptied first: values of an earlier run must not be summed in)
+    metrics_dir = Path(config.state_dir) / f"prometheus-{ns.port}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     uvicorn.run("service.web.app:app", host=ns.host, port=ns.port, log_level=ns.log_level, workers=ns.workers,
                 timeout_graceful_shutdown=30, timeout_keep_alive=5)
     return 0

@@ -301,3 +301,13 @@ def test_healthz_answers_while_memory_waits_for_the_memory_lock(client):
         assert "memory" not in answers  # /memory is still waiting, off the loop
     waiting.join(10)
     assert answers["memory"] == 200
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(make_client):
+    c = make_client(max_request_pixels=3 * 28 * 28)
+    three = [("file", png(i)) for i in range(3)]  # image_bytes gives 28x28 images
+    assert c.post("/predict", files=three).status_code == 200
+    r = c.post("/predict", files=three + [("file", png(3))])
+    assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+    r = c.post("/feedback", files=three + [("file", png(3))], data={"label": "Novel"}, headers=AUTH)
+    assert r.status_code == 413 and memory_state(c)["feedback_items"] == 0

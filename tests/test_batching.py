@@ -125,3 +125,21 @@ def test_a_request_gets_the_same_answer_alone_or_in_a_batch(tmp_path, exit_stage
         assert b.prediction.slot.tolist() == a.prediction.slot.tolist()
         assert b.prediction.confidence.tolist() == pytest.approx(a.prediction.confidence.tolist(), abs=1e-5)
     assert sum(a.prediction.paths[0] == "memory" for a in alone) >= 4
+
+
+def test_the_default_batcher_runs_a_lone_request_without_waiting_for_a_timer():
+    model = Recorder(delay=0.0)
+
+    async def go():
+        b = DynamicBatcher(model, BatchConfig())  # adaptive: MAX_BATCH_WAIT_MS 0
+        b.start()
+        task = asyncio.create_task(b.submit(imgs(7)))
+        for _ in range(10):  # a few turns of the event loop, no timer can have fired
+            await asyncio.sleep(0)
+        ran = list(model.sizes)
+        r = await task
+        await b.stop()
+        return ran, r
+    ran, r = run(go())
+    assert BatchConfig().max_wait_ms == 0
+    assert ran == [1] and r.result[r.rows].tolist() == [7.0]

@@ -64,3 +64,22 @@ def test_refusals_name_their_kind_and_code(data, kind, code):
 def test_nan_and_infinite_pixels_give_finite_input():
     x = decode_image(nan_tiff(), GREY, ImageLimits())
     assert torch.isfinite(x).all()
+
+
+def test_a_4096_square_16_bit_png_decodes_through_a_box_filter_like_a_full_size_conversion():
+    arr = np.zeros((4096, 4096), dtype=np.uint16)
+    arr[:2048] = 60000  # top half bright
+    x = decode_image(png_of(arr), GREY, ImageLimits())
+    assert x.shape == (1, 28, 28)
+    assert x[0, :13].min() == 1 and x[0, 15:].max() == 0  # scaled by the image's range, halves kept
+
+
+def test_a_large_jpeg_decoded_at_reduced_scale_matches_a_full_decode():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    arr = np.kron(small, np.ones((256, 256), dtype=np.uint8))  # 2048x2048 blocks: smooth enough for JPEG
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    full = Image.open(io.BytesIO(buf.getvalue())).convert("L").resize((28, 28), Image.Resampling.BILINEAR)
+    x = decode_image(buf.getvalue(), GREY, ImageLimits())
+    assert (x[0] - torch.from_numpy(np.array(full)).float() / 255).abs().mean() < 0.02

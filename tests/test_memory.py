@@ -296,3 +296,44 @@ def test_class_balance_lets_a_rare_class_outvote_a_common_one():
     assert m.retrieve(q).labels.item() == 0  # plain vote: four common neighbours win
     r = m.retrieve(q, class_balance=1.0)
     assert r.labels.item() == 2 and r.class_scores[0, 2] > 0.5
+
+
+@pytest.mark.parametrize("kind", sorted(MEMORIES))
+def test_held_per_class_follows_writes_forgets_and_loads(kind):
+    g = torch.Generator().manual_seed(0)
+    m = make(kind, capacity=20, dim=4, classes=3, sim_threshold=1.0)
+    for step in range(12):
+        m.update(torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g))
+        if step % 3 == 2:
+            m.forget(torch.randint(0, 20, (3,), generator=g))  # may repeat a slot or hit an empty one
+        truth = torch.bincount(m.labels[m.labels != EMPTY], minlength=3)
+        assert m.class_counts().tolist() == truth.tolist() and m.size == int(truth.sum())
+    fresh = make(kind, capacity=20, dim=4, classes=3, sim_threshold=1.0)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.class_counts().tolist() == m.class_counts().tolist()
+    assert "held_per_class" not in m.state_dict()  # derived, not saved
+
+
+@pytest.mark.parametrize("kind", sorted(MEMORIES))
+def test_state_pieces_give_the_state_as_of_their_start_while_writes_go_on(kind):
+    import threading
+    g = torch.Generator().manual_seed(1)
+    m = make(kind, capacity=50, dim=4, classes=3, sim_threshold=1.0)
+    m.update(torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g))
+    lock = threading.RLock()
+    with lock:
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        cow = m.begin_copy_on_write()
+    got: dict[str, list] = {}
+    for i, (name, piece) in enumerate(m.state_pieces(cow, lock, rows=7)):
+        got.setdefault(name, []).append(piece)
+        with lock:  # writes between the pieces: new slots, replacements, forgets
+            m.update(torch.randn(3, 4, generator=g), torch.randint(0, 3, (3,), generator=g))
+            if i % 4 == 0:
+                m.forget(torch.tensor([i % 50]))
+    with lock:
+        m.end_copy_on_write(cow)
+    assert list(got) == list(m.state_layout())
+    for name, pieces in got.items():
+        assert torch.equal(torch.cat(pieces) if before[name].dim() else pieces[0], before[name]), name
+    assert not torch.equal(m.state_dict()["labels"], before["labels"])  # the writes did happen

@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.live import ROOT, Server, free_port
 from bench.postgres import Postgres, wait_until
@@ -443,6 +444,12 @@ def test_two_workers_on_sqlite_converge(model_store, tmp_path):
         assert w.proc.pid not in latest  # the answers came from the two workers
         assert all(m["feedback_store"].endswith(str(tmp_path / "state" / "feedback.db")) for m in mems)
         assert_same_state(mems)
+        # one scrape, whichever worker answers it, counts both workers' requests
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(w.url + "/metrics").text)}
+        counted = sum(s.value for s in fams["http_requests"].samples
+                      if s.name == "http_requests_total" and s.labels["endpoint"] == "/predict")
+        assert counted == sum(n for (kind, _), n in traffic.status.items() if kind == "predict")
+        assert {s.labels["pid"] for s in fams["memory_size"].samples} == {str(m["pid"]) for m in mems}
         assert_held_exactly_once([w.url], mems, traffic, sample=30)
     finally:
         w.stop()

@@ -24,7 +24,7 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -67,6 +67,13 @@ class MemoryConfig:
 
 
 @dataclass
+class CopyOnWrite:
+    """A consistent read of the memory in progress (see Memory.begin_copy_on_write)."""
+    fixed: dict[str, torch.Tensor]  # entries without slot rows, copied at the start
+    rows: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # slot -> its rows before writes
+
+
+@dataclass
 class Retrieval:
     labels: torch.Tensor  # (B,) int64, EMPTY when the memory is empty
     confidence: torch.Tensor  # (B,) in [0, 1]
@@ -98,7 +105,12 @@ class Memory(nn.Module):
         self.register_buffer("written_at", torch.zeros(M, dtype=torch.int64))
         self.register_buffer("writes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("replacements", torch.zeros((), dtype=torch.int64))
+        # items per class, kept by every write: derived from `labels` (recounted on load, not
+        # saved), so that size and the class-balanced vote never scan a 1M-slot memory
+        self.register_buffer("held_per_class", torch.zeros(config.num_classes, dtype=torch.int64), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module._recount())
         self.index: IVFIndex | None = None  # optional approximate search; derived, never saved
+        self._copy_on_write: list[CopyOnWrite] = []  # readers of a consistent state in progress
 
     # --- what subclasses provide -------------------------------------------------------
     keys: torch.Tensor  # (M, D): a buffer (cached, stored unit-length) or a parameter (trainable)
@@ -121,14 +133,78 @@ class Memory(nn.Module):
 
     @property
     def size(self) -> int:
-        return int((self.labels != EMPTY).sum())
+        return int(self.held_per_class.sum())
 
     def filled(self) -> torch.Tensor:  # (M,) bool
         return self.labels != EMPTY
 
     def class_counts(self) -> torch.Tensor:  # (C,)
-        held = self.labels[self.filled()]
-        return torch.bincount(held, minlength=self.config.num_classes)
+        return self.held_per_class.clone()
+
+    def _recount(self) -> None:
+        held = self.labels[self.labels != EMPTY]
+        self.held_per_class.copy_(torch.bincount(held, minlength=self.config.num_classes))
+
+    def _count_change(self, slots: torch.Tensor, new_labels: torch.Tensor | None) -> None:
+        """Keep held_per_class in step with labels[slots] becoming new_labels (None = emptied)."""
+        old = self.labels[slots]
+        old = old[old != EMPTY]
+        self.held_per_class.sub_(torch.bincount(old, minlength=self.config.num_classes))
+        if new_labels is not None:
+            self.held_per_class.add_(torch.bincount(new_labels, minlength=self.config.num_classes))
+
+    # --- reading a consistent state while writes go on (snapshots, state hashes) -------------
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """The state_dict entries with one row per slot (keys, labels, written_at, values)."""
+        return {k: v for k, v in self.state_dict(keep_vars=True).items()
+                if v.dim() >= 1 and v.shape[0] == self.capacity}
+
+    def state_layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """(dtype, shape) of every state_dict entry, in name order (the order of `state_pieces`)."""
+        return {k: (v.dtype, tuple(v.shape)) for k, v in sorted(self.state_dict().items())}
+
+    def begin_copy_on_write(self) -> "CopyOnWrite":
+        """Call under the lock that guards writes. From now on the first write to each slot
+        saves its rows as they were, so `state_pieces` can copy the memory a piece at a time
+        while writes go on and still give the state as of this call."""
+        cow = CopyOnWrite(fixed={k: v.detach().clone() for k, v in self.state_dict().items()
+                                 if not (v.dim() >= 1 and v.shape[0] == self.capacity)})
+        self._copy_on_write.append(cow)
+        return cow
+
+    def end_copy_on_write(self, cow: "CopyOnWrite") -> None:
+        """Call under the same lock."""
+        self._copy_on_write.remove(cow)
+
+    def state_pieces(self, cow: "CopyOnWrite", lock, rows: int = 1 << 16):
+        """The state_dict as of `begin_copy_on_write`, as (name, tensor) pieces in `state_layout`
+        order: per-slot entries `rows` slots at a time. Each piece is copied under `lock` and
+        patched with the rows writes have replaced since; a reader of the memory waits at most
+        one piece's copy (a few milliseconds), never the whole memory's."""
+        live = {k: v.detach() for k, v in self.slot_tensors().items()}
+        for name in self.state_layout():
+            if name in cow.fixed:
+                yield name, cow.fixed[name]
+                continue
+            for start in range(0, self.capacity, rows):
+                stop = min(start + rows, self.capacity)
+                with lock:
+                    piece = live[name][start:stop].clone()
+                    for slot, before in cow.rows.items():
+                        if start <= slot < stop:
+                            piece[slot - start] = before[name]
+                yield name, piece
+
+    def _save_before_write(self, slots: torch.Tensor) -> None:
+        if not self._copy_on_write:
+            return
+        tensors = self.slot_tensors()
+        for s in slots.tolist():
+            before = None
+            for cow in self._copy_on_write:
+                if s not in cow.rows:
+                    before = before or {k: v.detach()[s].clone() for k, v in tensors.items()}
+                    cow.rows[s] = before
 
     def similarity(self, features: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Cosine similarity of each query to every slot, (B, M), -inf for empty slots.
@@ -140,8 +216,7 @@ class Memory(nn.Module):
         sims = (q @ keys.T).float()  # (B, M)
         if not self.keys_are_unit:  # scale columns by 1/|key|: cheaper than normalising (M, D)
             sims = sims * self.keys.norm(dim=-1).clamp_min(1e-12).reciprocal()
-        filled = self.filled()
-        return sims if bool(filled.all()) else sims.masked_fill(~filled, float("-inf"))
+        return sims if self.size == self.capacity else sims.masked_fill(~self.filled(), float("-inf"))
 
     # --- retrieval -------------------------------------------------------------------------
     def search(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +225,8 @@ class Memory(nn.Module):
         q = F.normalize(features.float(), dim=-1)  # (B, D)
         if self.index is not None:
             return self.index.search(q, k)
-        filled = self.filled()
         scale = None if self.keys_are_unit else self.keys.detach().norm(dim=-1).clamp_min(1e-12).reciprocal()
-        return exact_topk(q, self.keys.detach(), k, None if bool(filled.all()) else filled, scale)
+        return exact_topk(q, self.keys.detach(), k, None if self.size == self.capacity else self.filled(), scale)
 
     @torch.no_grad()
     def attach_index(self, nlist: int | None = None, nprobe: int = 16) -> IVFIndex:
@@ -267,6 +341,8 @@ class Memory(nn.Module):
         if not slots.numel():
             return
         keys = F.normalize(features, dim=-1)
+        self._save_before_write(slots)
+        self._count_change(slots, labels)
         self._write(slots, keys, labels)
         if self.index is not None:
             self.index.update(slots, keys)
@@ -279,9 +355,11 @@ class Memory(nn.Module):
     def forget(self, slots: torch.Tensor) -> None:
         """Empty these slots (a user withdrew the examples they held): they are never returned
         again and the next write may fill them. Their keys stay as they were, masked."""
-        slots = slots.to(torch.int64)
+        slots = slots.to(torch.int64).unique()
         if not slots.numel():
             return
+        self._save_before_write(slots)
+        self._count_change(slots, None)
         if self.index is not None:
             self.index.remove(slots)
         self.labels[slots] = EMPTY

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .store import InputSpec
 
@@ -58,16 +58,32 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
     return (x - mean) / std
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone, for a request's pixel budget; (0, 0) when the
+    bytes are no image (decode_pixels says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data)).size
+    except Exception:
+        return 0, 0
+
+
 def decode_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
     """One image file -> (C, H, W) uint8 at the model's size and channels (what training reads).
 
     The header is read first and the size checked before any pixel is decoded, so a
-    decompression bomb costs nothing. Animated images give their first frame; EXIF
-    orientation is applied; any mode (grey, 16-bit, RGB, RGBA, palette, CMYK) is converted
-    to the model's channels.
+    decompression bomb costs nothing. The work then scales with the model's input, not the
+    upload: JPEG decodes at a reduced scale (`draft`), other images are reduced by an
+    integer factor before resampling, and 16-bit or float images are rescaled to 8 bits
+    after shrinking, never converted at full size. Animated images give their first
+    frame; EXIF orientation is applied; any mode (grey, 16-bit, RGB, RGBA, palette, CMYK)
+    becomes the model's channels.
     """
     if not data:
         raise ImageError("empty_file", "the uploaded file is empty")
+    size = (spec.image_size, spec.image_size)
+    mode = "L" if spec.in_chans == 1 else "RGB"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,10 +95,14 @@ def decode_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Te
                 raise ImageTooLarge("image_too_large", f"image of {w}x{h} pixels exceeds the limit of "
                                  f"{limits.max_pixels} pixels / {limits.max_side} per side")
             im.seek(0)
+            orientation = im.getexif().get(ORIENTATION_TAG)
+            if im.format in ("JPEG", "MPO"):  # DCT scaling: decode at 1/2, 1/4 or 1/8 while >= the model's size
+                im.draft(mode if im.mode in ("L", "RGB", "YCbCr") else None, size)
             im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_mode(im, "L" if spec.in_chans == 1 else "RGB")
-            im = im.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
+            im = _shrink(im, size)
+            im = _to_mode(im, mode)
+            if orientation in ORIENTATIONS:  # after shrinking: the target is square, so the order does not matter
+                im = im.transpose(ORIENTATIONS[orientation])
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -95,9 +115,34 @@ def decode_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Te
     return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
 
 
+ORIENTATION_TAG = 0x0112
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits per sample
+
+
+def _shrink(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """To `size` (bilinear). A large image is first reduced by an integer factor (a box filter
+    over whole blocks, as Pillow's reducing_gap does) so that resampling sees about twice the
+    target; modes Pillow cannot reduce are box-filtered straight to the target."""
+    if im.size == size:
+        return im
+    if im.mode == "1" or (im.mode == "P" and "transparency" not in im.info):
+        im = im.convert("L" if im.mode == "1" else "RGB")
+    elif im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    if im.mode in WIDE_MODES or im.mode.startswith("I;16"):
+        return im.resize(size, Image.Resampling.BOX)  # Pillow's reduce takes no 16-bit or float images
+    try:
+        return im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    except ValueError:  # a mode without reduce (LAB, HSV, ...): to RGB first
+        return im.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit and float: scale to 8 bits
-        a = np.asarray(im, dtype=np.float64)
+    if im.mode in WIDE_MODES or im.mode.startswith("I;16"):  # scale to 8 bits by the image's own range
+        a = np.asarray(im, dtype=np.float64)  # (H, W) at the model's size: a few kilobytes
         a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)

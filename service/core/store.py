@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .model import ClassifierConfig, EnhancedClassifier
+from .files import atomic_write, sha256_file
+from .tensorfile import TensorFileError, read_into
 from .routing import RoutingPolicy
 
 FORMAT_VERSION = 2  # 2: the routing policy has its own section (1 kept it in the classifier's)
@@ -66,29 +65,6 @@ class LoadedModel:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Write to a temporary file beside `path`, fsync, rename over it, fsync the folder.
-    `mode` is set explicitly: mkstemp's 0600 would hide a model from the service's user."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def model_dir(store: str | Path, name: str) -> Path:
@@ -166,18 +142,18 @@ def read_manifest(d: Path) -> dict:
     return manifest
 
 
-def read_artifact(d: Path, manifest: dict, fname: str) -> bytes:
-    """The artifact's bytes, after checking it is listed and its sha256 matches."""
+def checked_artifact(d: Path, manifest: dict, fname: str) -> Path:
+    """The artifact's path, after checking it is listed and its sha256 matches (read a piece
+    at a time: a 1M-item memory is not held twice to be checked)."""
     expected = manifest["artifacts"].get(fname)
     path = d / fname
     if expected is None or "/" in fname or fname.startswith("."):
         raise ModelStoreError(f"{path}: not an artifact of this manifest")
     if not path.exists():
         raise ModelStoreError(f"{path}: missing")
-    data = path.read_bytes()
-    if sha256_bytes(data) != expected:
+    if sha256_file(path) != expected:
         raise ModelStoreError(f"{path}: sha256 mismatch (truncated or modified)")
-    return data
+    return path
 
 
 def load_model(store: str | Path, name: str) -> LoadedModel:
@@ -193,25 +169,26 @@ def load_model(store: str | Path, name: str) -> LoadedModel:
         raise ModelStoreError(f"{d / 'manifest.json'}: bad classifier, input or routing settings ({e})") from e
     model = EnhancedClassifier(config)
     model.policy = policy
-    state: dict[str, torch.Tensor] = {}
+    # each artifact is read straight into the model's own tensors: the start-up peak is the
+    # model's size plus a few megabytes, not two or three copies of a large memory
+    state = model.state_dict()
+    parts = {"weights-": {k: v for k, v in state.items() if not k.startswith("memory.")},
+             "memory-": {k[len("memory."):]: v for k, v in state.items() if k.startswith("memory.")}}
+    found = set()
     for fname in manifest["artifacts"]:
-        if not fname.endswith(".safetensors"):
+        stem = next((p for p in parts if fname.startswith(p)), None)
+        if not fname.endswith(".safetensors") or stem is None:
             continue
-        data = read_artifact(d, manifest, fname)
         try:
-            tensors = st_load(data)
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise ModelStoreError(f"{d / fname}: not a valid safetensors file ({e})") from e
-        prefix = "memory." if fname.startswith("memory-") else ""
-        state.update({prefix + k: v for k, v in tensors.items()})
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ModelStoreError(f"{d}: artifacts do not match the manifest's classifier "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
-    model.load_state_dict(state)
+            read_into(checked_artifact(d, manifest, fname), parts[stem])
+        except TensorFileError as e:
+            raise ModelStoreError(f"artifacts do not match the manifest's classifier: {e}") from e
+        found.add(stem)
+    missing = sorted(k for stem, part in parts.items() if part and stem not in found for k in part)
+    if missing:
+        raise ModelStoreError(f"{d}: artifacts do not match the manifest's classifier (missing {missing[:3]})")
+    if model.memory is not None:
+        model.memory._recount()  # written in place, not through load_state_dict
     model.eval()
     if len(manifest["classes"]) != config.num_classes:
         raise ModelStoreError(f"{d / 'manifest.json'}: {len(manifest['classes'])} class names for "

@@ -1,10 +1,12 @@
-"""Dynamic batching: concurrent requests queue up and run through the model as one batch.
+"""Adaptive batching: concurrent requests queue up and run through the model as one batch.
 
-Like TorchServe's batchSize/maxBatchDelay or LitServe's max_batch_size/batch_timeout: a
-worker takes the first waiting request, then keeps collecting until the batch holds
-`max_batch_size` images or `max_wait_ms` has passed since that first request arrived, runs
-the whole batch once, and hands each request its own rows. While the model runs, new
-requests queue, so under load batches fill without waiting at all.
+The worker takes every request waiting at the moment the model is free (up to
+`max_batch_size` images) and runs them at once; it does not wait for more. A lone client
+therefore never waits (the model is idle when its request arrives), and under load the
+requests that arrive while a batch runs form the next batch by themselves: the batch size
+follows the load. `max_wait_ms` > 0 adds the classic fixed delay (TorchServe's
+maxBatchDelay, LitServe's batch_timeout): after the first request, keep collecting until
+the batch is full or that much time has passed.
 
 Plain asyncio and torch: no web framework. `run_batch` is whatever runs the model off the
 event loop (the app passes its model-thread executor).
@@ -24,8 +26,8 @@ import torch
 class BatchConfig:
     max_batch_size: int = 32
     """MAX_BATCH_SIZE: most images run through the model together (1 = no batching)."""
-    max_wait_ms: float = 2.0
-    """MAX_BATCH_WAIT_MS: longest a request waits for others to join its batch."""
+    max_wait_ms: float = 0.0
+    """MAX_BATCH_WAIT_MS: longest a request waits for others to join its batch (0 = adaptive: never wait)."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -85,6 +87,8 @@ class DynamicBatcher:
         while n < self.config.max_batch_size:
             if not self.queue.empty():
                 p = self.queue.get_nowait()
+            elif self.config.max_wait_ms <= 0:
+                break  # adaptive: run what is waiting now
             else:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..core.preprocess import ImageLimits, decode_pixels
-from ..core.store import InputSpec, atomic_write
+from ..core.files import atomic_write
+from ..core.store import InputSpec
 from .feedback_store import Example, FeedbackStore, FeedbackStoreError
 
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/bmp": ".bmp",

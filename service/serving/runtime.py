@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,41 +359,58 @@ class ModelRuntime:
 
     # --- snapshots -------------------------------------------------------------------------------
     def _restore(self) -> None:
-        trained = {k: v.clone() for k, v in self.memory.state_dict().items()}
+        """Newest valid snapshot of this model version, read straight into the memory (no
+        second copy: the start-up peak stays near the memory's own size). Everything that can
+        be wrong with a snapshot is found before its first byte is copied."""
         last = self.store.last_seq()
         for sidecar in self.snapshots.sidecars():
             try:
-                tensors, meta = self.snapshots.load(sidecar)
+                path, meta = self.snapshots.check(sidecar)
                 if meta.get("store_id") != self.store.store_id:
                     raise SnapshotError(f"{sidecar}: taken from another feedback store")
                 if int(meta["last_seq"]) > last:
                     raise SnapshotError(f"{sidecar}: ahead of the feedback store (seq {meta['last_seq']} > {last})")
-                slot_feedback = tensors.pop("slot_feedback")
-                self.memory.load_state_dict(tensors)  # strict: shapes and keys must match
-                self.slot_feedback = slot_feedback
                 self.vocab.reset(list(meta["classes"]))
-                self.applied_seq = self.stats.restored_from_seq = int(meta["last_seq"])
-                log.info("memory restored from %s (feedback log up to seq %d)", sidecar.name, self.applied_seq)
-                return
-            except (SnapshotError, RuntimeError, KeyError, LabelError, ValueError) as e:
+                self.snapshots.load_into(path, {**self.memory.state_dict(), "slot_feedback": self.slot_feedback})
+            except (SnapshotError, KeyError, LabelError, ValueError) as e:
                 log.error("snapshot %s refused (%s); trying the previous one", sidecar.name, e)
-                self.memory.load_state_dict(trained)  # undo a partial load
-                self.slot_feedback.fill_(EMPTY)
                 self.vocab.reset(list(self.loaded.classes))
-                self.applied_seq = 0
+                continue
+            self.memory._recount()
+            self.applied_seq = self.stats.restored_from_seq = int(meta["last_seq"])
+            log.info("memory restored from %s (feedback log up to seq %d)", sidecar.name, self.applied_seq)
+            return
+
+    def _consistent_state(self):
+        """(applied seq, class names, layout, pieces): the memory and its slot -> feedback map
+        as of one moment, read a piece at a time while predictions and writes go on. Close
+        the pieces generator (or read it to the end) to stop the copy-on-write."""
+        with self.lock:
+            seq, classes = self.applied_seq, list(self.vocab.names)
+            slot_feedback = self.slot_feedback.clone()  # 8 bytes a slot: copied whole
+            cow = self.memory.begin_copy_on_write()
+        layout = {**self.memory.state_layout(), "slot_feedback": (slot_feedback.dtype, tuple(slot_feedback.shape))}
+
+        def pieces():
+            try:
+                yield from self.memory.state_pieces(cow, self.lock)
+                yield "slot_feedback", slot_feedback
+            finally:
+                with self.lock:
+                    self.memory.end_copy_on_write(cow)
+        return seq, classes, layout, pieces()
 
     def snapshot(self) -> Path | None:
-        """Write the memory atomically (safetensors, then its JSON sidecar as commit point).
-        The copy is taken under the lock (a clone); serialising and fsync run outside it."""
+        """Write the memory atomically (safetensors, then its JSON sidecar as commit point),
+        streamed a piece at a time (Memory.state_pieces): predictions and feedback go on while
+        a 1M-item memory is written, and no second copy of it is made."""
         if self.memory is None:
             return None
-        with self.lock:
-            tensors = {k: v.detach().clone() for k, v in self.memory.state_dict().items()}
-            tensors["slot_feedback"] = self.slot_feedback.clone()
-            seq, classes = self.applied_seq, list(self.vocab.names)
-        sidecar = self.snapshots.write(seq, tensors, {
-            "last_seq": seq, "classes": classes, "store_id": self.store.store_id, "model": self.loaded.name,
-            "model_version": self.version})
+        seq, classes, layout, pieces = self._consistent_state()
+        with closing(pieces):
+            sidecar = self.snapshots.write(seq, layout, pieces, {
+                "last_seq": seq, "classes": classes, "store_id": self.store.store_id, "model": self.loaded.name,
+                "model_version": self.version})
         self.stats.last_snapshot_time = time.time()
         self.stats.last_snapshot_seq = seq
         self._dirty = False
@@ -403,25 +421,39 @@ class ModelRuntime:
         return self._dirty
 
     # --- inspection --------------------------------------------------------------------------------
+    def _change_key(self) -> tuple:
+        # every change to the memory moves the applied sequence or the write counter
+        return (self.applied_seq, int(self.memory.writes) if self.memory is not None else 0,
+                len(self.vocab.names), int(self.memory.size) if self.memory is not None else 0)
+
     def state_hash(self) -> str:
         """sha256 of the memory state (every tensor of state_dict, the slot -> feedback map and
-        the class names): equal on two processes exactly when their memories are equal."""
+        the class names): equal on two processes exactly when their memories are equal. Read
+        like a snapshot, a piece at a time; cached until the memory changes (the review page
+        polls /memory)."""
         with self.lock:
-            # every change to the memory moves the applied sequence or the write counter:
-            # /memory (polled by the review page) need not hash megabytes each time
-            key = (self.applied_seq, int(self.memory.writes) if self.memory is not None else 0,
-                   len(self.vocab.names), int(self.slot_feedback.sum()))
+            key = self._change_key()
             if self._hash_cache is not None and self._hash_cache[0] == key:
                 return self._hash_cache[1]
-            h = hashlib.sha256()
-            if self.memory is not None:
-                for k, v in sorted(self.memory.state_dict().items()):
-                    h.update(k.encode())
-                    h.update(v.detach().contiguous().numpy().tobytes())
+        h = hashlib.sha256()
+        if self.memory is None:
             h.update(self.slot_feedback.numpy().tobytes())
             h.update(json.dumps(self.vocab.names).encode())
-            self._hash_cache = (key, h.hexdigest())
-            return self._hash_cache[1]
+            return h.hexdigest()
+        _, classes, _, pieces = self._consistent_state()
+        with closing(pieces):
+            names = []
+            for name, piece in pieces:
+                if not names or names[-1] != name:
+                    names.append(name)
+                    if name != "slot_feedback":
+                        h.update(name.encode())
+                h.update(piece.contiguous().numpy().tobytes())
+        h.update(json.dumps(classes).encode())
+        with self.lock:
+            if self._change_key() == key:
+                self._hash_cache = (key, h.hexdigest())
+        return h.hexdigest()
 
     def memory_info(self) -> dict:
         """What /memory shows; takes the memory lock (call it off the event loop)."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from ..core.store import atomic_write, sha256_bytes
+from ..core.files import atomic_write, sha256_file
+from ..core.tensorfile import TensorFileError, read_into, write_streaming
 
 KEEP_SNAPSHOTS = 3
 
@@ -37,30 +37,38 @@ class SnapshotStore:
         """Newest first."""
         return sorted(self.folder.glob("snapshot-*.json"), reverse=True)
 
-    def load(self, sidecar: Path) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, metadata) of one snapshot, or SnapshotError naming what is wrong."""
+    def check(self, sidecar: Path) -> tuple[Path, dict]:
+        """(data file, metadata) of one snapshot whose sha256 matches, or SnapshotError
+        naming what is wrong. The file is hashed a piece at a time."""
         try:
             meta = json.loads(sidecar.read_text())
             if meta["file"] != sidecar.name.replace(".json", ".safetensors"):  # a sidecar names only its twin
                 raise SnapshotError(f"{sidecar}: names {meta['file']!r}, not its own data file")
-            data = (self.folder / meta["file"]).read_bytes()
+            path = self.folder / meta["file"]
+            digest = sha256_file(path)
         except SnapshotError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SnapshotError(f"{sidecar}: unreadable ({e})") from e
-        if sha256_bytes(data) != meta.get("sha256"):
-            raise SnapshotError(f"{self.folder / meta['file']}: sha256 mismatch")
-        try:
-            return st_load(data), meta
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise SnapshotError(f"{self.folder / meta['file']}: not valid safetensors ({e})") from e
+        if digest != meta.get("sha256"):
+            raise SnapshotError(f"{path}: sha256 mismatch")
+        return path, meta
 
-    def write(self, position: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-        """Write atomically, sidecar last; prune all but the newest `keep`. Returns the sidecar."""
-        data = st_save({k: v.contiguous() for k, v in tensors.items()})
+    def load_into(self, path: Path, targets: dict[str, torch.Tensor]) -> None:
+        """Read a checked snapshot straight into `targets` (names, dtypes and shapes are all
+        checked before the first byte is copied: a mismatch changes nothing)."""
+        try:
+            read_into(path, targets)
+        except TensorFileError as e:
+            raise SnapshotError(str(e)) from e
+
+    def write(self, position: int, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+              pieces: Iterable[tuple[str, torch.Tensor]], meta: dict) -> Path:
+        """Write atomically from pieces (streamed: no second copy of the memory), sidecar
+        last; prune all but the newest `keep`. Returns the sidecar."""
         stem = f"snapshot-{position:012d}"
-        atomic_write(self.folder / f"{stem}.safetensors", data)
-        meta = {**meta, "file": f"{stem}.safetensors", "sha256": sha256_bytes(data), "time": time.time()}
+        digest = write_streaming(self.folder / f"{stem}.safetensors", layout, pieces)
+        meta = {**meta, "file": f"{stem}.safetensors", "sha256": digest, "time": time.time()}
         sidecar = self.folder / f"{stem}.json"
         atomic_write(sidecar, json.dumps(meta).encode())
         for old in self.sidecars()[self.keep:]:

@@ -36,11 +36,10 @@ async def lifespan(app: FastAPI):
     rt.start_tail()  # what other processes commit
     spec = rt.loaded.input
     await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
-    state.metrics.model_info.info({"name": rt.loaded.name, "version": rt.loaded.version,
-                                   "memory_kind": rt.model.config.memory,
-                                   "threshold": str(rt.policy.confidence_threshold),
-                                   "policy": json.dumps(rt.policy.to_dict(), sort_keys=True),
-                                   "policy_overrides": json.dumps(rt.overrides, sort_keys=True)})
+    state.metrics.set_model_info(name=rt.loaded.name, version=rt.loaded.version, memory_kind=rt.model.config.memory,
+                                 threshold=str(rt.policy.confidence_threshold),
+                                 policy=json.dumps(rt.policy.to_dict(), sort_keys=True),
+                                 policy_overrides=json.dumps(rt.overrides, sort_keys=True))
     state.update_memory_gauges()
     state.start_batcher()
     state.ready = True
@@ -60,7 +59,9 @@ async def lifespan(app: FastAPI):
             except (OSError, SnapshotError) as e:
                 log.error("shutdown snapshot failed: %s", e)
         rt.close()
+        state.metrics.process_exited()
         state.model_thread.shutdown(wait=True)
+        state.decode_pool.shutdown(wait=True)
 
 
 def create_app(config: ServiceConfig | None = None) -> FastAPI:

@@ -282,7 +282,7 @@ async def run_inference(request: Request, state: AppState, rt: ModelRuntime) -> 
     req, kind, payload, decode_s = await run_in_threadpool(
         parse_inference_request, body, request.headers.get(HEADER_LENGTH), rt.loaded.input, cfg)
     if kind == "image":
-        batch, decode_s = await decode_batch(payload, rt.loaded.input, cfg)
+        batch, decode_s = await decode_batch(payload, rt.loaded.input, cfg, state.decode_pool)
     else:
         batch = payload
     served, batch_size = await state.predict(batch)

@@ -3,19 +3,20 @@ Every refusal is an ApiError or a domain error naming the problem."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import time
+from concurrent.futures import Executor
 
 import torch
 from fastapi import Request
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.preprocess import ImageError, ImageLimits, decode_image
+from ..core.preprocess import ImageError, ImageLimits, ImageTooLarge, decode_image, image_size
 from ..core.store import InputSpec
 from .errors import ApiError, BodyTimeout, BodyTooLarge
 from .schemas import PredictJSON
@@ -77,11 +78,20 @@ async def read_images(request: Request, cfg: ServiceConfig, allow_json: bool, la
     raise ApiError(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} not accepted; send {accepted}")
 
 
-async def decode_batch(files: list[bytes], spec: InputSpec, cfg: ServiceConfig) -> tuple[torch.Tensor, list[float]]:
-    """Decode in the thread pool: ((B, C, H, W) batch, seconds per image)."""
+async def decode_batch(files: list[bytes], spec: InputSpec, cfg: ServiceConfig,
+                       pool: Executor) -> tuple[torch.Tensor, list[float]]:
+    """Decode in `pool` (the app's decode pool: as many threads as cores, so hostile images
+    cannot pile up more decodes than the machine runs at once): ((B, C, H, W) batch, seconds
+    per image). The request's pixels, read from the headers, must fit MAX_REQUEST_PIXELS
+    before any image is decoded."""
     limits = ImageLimits(max_pixels=cfg.max_pixels)
 
     def decode_all():
+        sizes = [image_size(data) for data in files]
+        total = sum(w * h for w, h in sizes)
+        if total > cfg.max_request_pixels:
+            raise ImageTooLarge("request_too_large", f"the request's {len(files)} images hold {total} pixels; "
+                                                     f"at most {cfg.max_request_pixels} per request")
         out, times = [], []
         for i, data in enumerate(files):
             t = time.perf_counter()
@@ -93,4 +103,4 @@ async def decode_batch(files: list[bytes], spec: InputSpec, cfg: ServiceConfig) 
                 raise type(e)(e.code, f"file {i + 1} of {len(files)}: {e.message}") from e
             times.append(time.perf_counter() - t)
         return torch.stack(out), times  # (B, C, H, W)
-    return await run_in_threadpool(decode_all)
+    return await asyncio.get_running_loop().run_in_executor(pool, decode_all)

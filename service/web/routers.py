@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from ..core.preprocess import media_type
@@ -67,7 +67,7 @@ async def predict(request: Request, state: AppState = Depends(app_state),
                   rt: ModelRuntime = Depends(runtime)) -> PredictResponse:
     t0 = time.perf_counter()
     files = await read_images(request, state.config, allow_json=True)
-    batch, decode_s = await decode_batch(files, rt.loaded.input, state.config)
+    batch, decode_s = await decode_batch(files, rt.loaded.input, state.config, state.decode_pool)
     served, batch_size = await state.predict(batch)
     return predict_response(rt, served, decode_s, time.perf_counter() - t0, state, batch_size)
 
@@ -82,7 +82,7 @@ async def feedback(request: Request, state: AppState = Depends(app_state), rt: M
     # an early, clear refusal before decoding (checked again when applied); in the thread pool,
     # since it reads the class names under the memory lock
     _, is_new = await run_in_threadpool(rt.check_label, label)
-    batch, _ = await decode_batch(files, rt.loaded.input, state.config)
+    batch, _ = await decode_batch(files, rt.loaded.input, state.config, state.decode_pool)
     vectors = await state.embed(batch)
     uploads = [Upload(f, media_type(f)) for f in files]
     result = await run_in_threadpool(rt.commit_feedback, vectors, label, uploads, idempotency_key,
@@ -148,7 +148,7 @@ async def snapshot(state: AppState = Depends(app_state), rt: ModelRuntime = Depe
 
 @router.get("/metrics", response_class=Response)
 async def metrics(state: AppState = Depends(app_state)) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await run_in_threadpool(state.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", response_model=Health)

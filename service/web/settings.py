@@ -31,6 +31,10 @@ class ServiceConfig(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height (413 above)")
     max_files: int = Field(64, ge=1, description="most images in one request")
+    max_request_pixels: int = Field(2 * 4096 * 4096, ge=1, description="most pixels (width x height, from the "
+                                    "headers) of all images in one request together (413 above)")
+    decode_threads: int | None = Field(None, ge=1, description="images decoded at once (default: the cores "
+                                       "this process may use)")
     body_timeout: float = Field(30.0, gt=0, description="seconds to wait for the next chunk of a request body "
                                                         "(408 after)")
     snapshot_interval: float = Field(300.0, ge=0, description="seconds between periodic memory snapshots "
@@ -42,8 +46,9 @@ class ServiceConfig(BaseSettings):
                                                   "product) or ivf (faiss IVF index, approximate)")
     index_nprobe: int = Field(16, ge=1, description="IVF cells scanned per query (more: better recall, slower)")
     max_batch_size: int = Field(32, description="most images the dynamic batcher runs together (1 = no batching)")
-    max_batch_wait_ms: float = Field(2.0, description="longest a /predict request waits for others to join "
-                                                      "its batch")
+    max_batch_wait_ms: float = Field(0.0, description="longest a /predict request waits for others to join "
+                                                      "its batch (0 = adaptive: run whatever is waiting as soon "
+                                                      "as the model is free)")
 
     @model_validator(mode="after")
     def _check(self) -> "ServiceConfig":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -11,6 +12,14 @@ from ..serving.batching import BatchConfig, DynamicBatcher
 from ..serving.runtime import ModelRuntime
 from .metrics import Metrics
 from .settings import ServiceConfig
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as a container or taskset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class AppState:
@@ -22,6 +31,9 @@ class AppState:
         self.ready = False
         self.metrics = Metrics()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # image decoding: bounded by the cores, not by the web server's 40-thread pool
+        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads or usable_cores(),
+                                              thread_name_prefix="decode")
 
     async def on_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
