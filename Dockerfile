@@ -19,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 RUN pip install --no-deps .
 
-# the trained models are baked in; the journal and snapshots live on a volume
+# the trained models are baked in; the feedback store and snapshots live on a volume
 COPY model_store ./model_store
 RUN useradd --system --uid 10001 --home-dir /app app \
  && mkdir -p /var/lib/classifier \
@@ -31,4 +31,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
 
-CMD ["uvicorn", "service.web.app:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "30"]
+# one server process per core the container may use (WEB_CONCURRENCY overrides), one /metrics for all
+CMD ["python", "-m", "service", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,21 +1,27 @@
-"""Load benchmark: requests/s and latency under 1..64 concurrent clients on loopback.
+"""Load benchmark: requests/s, latency and server CPU per request under 1..64 concurrent
+clients on loopback, with two load generators.
 
-Servers, each a fresh process serving the same stored model, one at a time:
-  batched    this service, dynamic batching (MAX_BATCH_SIZE 32, MAX_BATCH_WAIT_MS 2)
-  unbatched  this service, MAX_BATCH_SIZE 1 (each request runs alone)
-  litserve   LitServe 0.2 with its own batching (bench/litserve_server.py, same batch settings)
-  plain      a plain FastAPI endpoint calling the model per request (bench/plain_server.py)
-The load generator is `wrk` (Debian) with bench/wrk_post.lua, posting real 28x28
-Fashion-MNIST test PNGs, rotating over 200 of them, as JSON {"image_base64": ...} (the form
-every server takes: LitServe cannot pass a multipart upload to its worker process), and to
-this service also as multipart uploads (batched-multipart). Then:
-  ceiling    the model's own throughput in the benchmark process at its best batch size
-             (normalised tensors -> model.predict; and decode + predict), no HTTP
-  feedback   acknowledged /feedback per second (journal fsync before every answer)
+Servers, each started fresh (a new process, an empty state folder) for every repeat, all
+serving the same stored model:
+  ours           this service with default settings (one process, adaptive batching)
+  ours-workers2  this service, `serve --workers 2` (two full processes, one torch thread each,
+                 kept consistent through the feedback store)
+  ours-unbatched this service with MAX_BATCH_SIZE 1 (the 1-client latency reference)
+  litserve-w1    LitServe with its own batching (bench/litserve_server.py), workers_per_device 1
+  litserve-w2    the same with workers_per_device 2 (one torch thread each)
+  plain          a plain FastAPI endpoint calling the model per request, one torch thread
+Load generators: `wrk` (bench/wrk_post.lua, rotating over 200 real 28x28 Fashion-MNIST test
+PNGs) and `hey` (one of those images per run). Bodies: JSON {"image_base64": ...} for every
+server (LitServe cannot pass a multipart upload to its worker), and multipart uploads for
+this service. Every server's answers on the 200 images are checked equal to ours.
+CPU seconds per request: user + system time of the server's whole process group over a run,
+divided by the requests it answered. Then:
+  ceiling        the model's own throughput in this process at its best batch size
+                 (normalised tensors -> model.predict; and decode + predict), no HTTP
 
 Client and server share this machine's cores: the numbers are for the whole box.
 
-    .venv/bin/python bench/load.py [--seconds 20] [--repeats 3] [--clients 1 8 32 64]
+    .venv/bin/python bench/load.py [--seconds 8] [--repeats 2] [--clients 1 8 32 64]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from PIL import Image
 
@@ -66,32 +73,41 @@ def write_bodies(folder: Path, bodies: list[bytes]) -> None:
         (folder / f"{i}.body").write_bytes(b)
 
 
+SERVERS = ("ours", "ours-workers2", "ours-unbatched", "litserve-w1", "litserve-w2", "plain")
+MULTIPART = ("ours", "ours-workers2", "ours-unbatched")  # servers that take multipart uploads
+
+
 def server_command(kind: str, port: int, model: str, state_dir: Path) -> tuple[list[str], dict, str]:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    if kind in ("batched", "unbatched", "batched-multipart"):
-        env |= {"MODEL_NAME": model, "STATE_DIR": str(state_dir), "API_TOKEN": TOKEN, "SNAPSHOT_INTERVAL": "0",
-                "MAX_BATCH_SIZE": "1" if kind == "unbatched" else "32", "MAX_BATCH_WAIT_MS": "2"}
-        return [PY, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"], env, "/readyz"
-    if kind == "litserve":
+    if kind.startswith("ours"):
+        env |= {"MODEL_NAME": model, "STATE_DIR": str(state_dir), "API_TOKEN": TOKEN, "SNAPSHOT_INTERVAL": "0"}
+        if kind == "ours-unbatched":
+            env["MAX_BATCH_SIZE"] = "1"
+        workers = ["--workers", "2"] if kind == "ours-workers2" else []
+        return [PY, "-m", "service", "serve", "--port", str(port), "--log-level", "warning", *workers], env, "/readyz"
+    if kind.startswith("litserve"):
         return [PY, "bench/litserve_server.py", "--port", str(port), "--model", model, "--max-batch-size", "32",
-                "--batch-timeout", "0.002"], env, "/health"
+                "--batch-timeout", "0.002", "--workers", kind[-1]], env, "/health"
     if kind == "plain":
-        return [PY, "bench/plain_server.py", "--port", str(port), "--model", model], env, "/docs"
+        return [PY, "bench/plain_server.py", "--port", str(port), "--model", model], env | {"OMP_NUM_THREADS": "1"}, "/docs"
     raise ValueError(kind)
 
 
 def start(kind: str, model: str, state_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    state_dir.mkdir(parents=True, exist_ok=True)
     cmd, env, health = server_command(kind, port, model, state_dir)
-    log = open(state_dir / f"{kind}.log", "wb")
+    log = open(state_dir / "server.log", "wb")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited with {proc.returncode}; see {state_dir / f'{kind}.log'}")
+            raise RuntimeError(f"{kind} server exited with {proc.returncode}; see {state_dir / 'server.log'}")
         try:
             if httpx.get(url + health, timeout=1).status_code == 200:
+                if kind in ("ours-workers2", "litserve-w2"):
+                    time.sleep(3)  # the second worker may still be loading
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -100,12 +116,28 @@ def start(kind: str, model: str, state_dir: Path) -> tuple[subprocess.Popen, str
 
 
 def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, 15)  # the whole group: LitServe runs worker processes
+    os.killpg(proc.pid, 15)  # the whole group: LitServe and --workers run child processes
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.wait()
+
+
+def group_cpu_seconds(sid: int) -> float:
+    """User + system CPU seconds of every live process in session `sid` (the server's group)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of stat: the session id
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def wrk(url: str, clients: int, seconds: float, bodies: Path, count: int, token: str | None = None,
@@ -123,20 +155,46 @@ def wrk(url: str, clients: int, seconds: float, bodies: Path, count: int, token:
     return r
 
 
-def check_answers(url: str, pngs: list[tuple[bytes, str]]) -> float:
-    """Accuracy of the server's answers on the posted images: every server runs the same model."""
-    right = 0
+def hey(url: str, clients: int, seconds: float, body: Path, content_type: str) -> dict:
+    """hey's per-request CSV: latency percentiles and the request rate computed here."""
+    cmd = ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(clients), "-m", "POST", "-T", content_type,
+           "-D", str(body), "-t", "10", "-o", "csv", url]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    elapsed = time.perf_counter() - t0
+    rows = [ln.split(",") for ln in out.splitlines()[1:] if ln and ln[0].isdigit()]
+    lat = np.array([float(r[0]) for r in rows]) * 1e6  # response-time, seconds -> us
+    ends = np.array([float(r[7]) + float(r[0]) for r in rows])  # offset from the start + response time
+    errors = sum(r[6] != "200" for r in rows)
+    return {"requests": len(rows), "errors": errors, "rps": len(rows) / max(ends.max(), 1e-9) if len(rows) else 0.0,
+            "elapsed_s": elapsed, **{f"p{q}_us": float(np.percentile(lat, q)) for q in (50, 95, 99)}}
+
+
+def measure(generator: str, url: str, clients: int, seconds: float, tmp: Path, body: str, sid: int) -> dict:
+    ctype = f"multipart/form-data; boundary={BOUNDARY}" if body == "multipart" else "application/json"
+    cpu0 = group_cpu_seconds(sid)
+    if generator == "wrk":
+        r = wrk(url + "/predict", clients, seconds, tmp / body, len(list((tmp / body).iterdir())), content_type=ctype)
+    else:
+        r = hey(url + "/predict", clients, seconds, tmp / body / "0.body", ctype)
+    r["cpu_s_per_request"] = (group_cpu_seconds(sid) - cpu0) / max(1, r["requests"])
+    return r
+
+
+def answers(url: str, pngs: list[tuple[bytes, str]]) -> list[str]:
+    """The server's label for each posted image (every server runs the same model)."""
     with httpx.Client(timeout=30) as c:
-        for png, label in pngs:
+        out = []
+        for png, _ in pngs:
             r = c.post(url + "/predict", content=json_body(png), headers={"Content-Type": "application/json"})
             r.raise_for_status()
-            right += r.json()["predictions"][0]["label"] == label
-    return right / len(pngs)
+            out.append(r.json()["predictions"][0]["label"])
+        return out
 
 
 def ceiling(model_name: str, pngs: list[bytes], repeats: int) -> dict:
     loaded = load_model(ROOT / "model_store", model_name)
-    model = loaded.model.eval()
+    model = loaded.model.for_inference()  # as every server runs it
     decoded = torch.stack([decode_image(p, loaded.input, ImageLimits()) for p in pngs])  # (N, C, H, W)
     out = {}
     for bs in (1, 8, 32, 64, 128, 256):
@@ -171,16 +229,16 @@ def ceiling(model_name: str, pngs: list[bytes], repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="fashion-mnist")
-    ap.add_argument("--servers", nargs="+", default=["batched", "unbatched", "litserve", "plain",
-                                                      "batched-multipart"])
+    ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    ap.add_argument("--generators", nargs="+", default=["wrk", "hey"], choices=["wrk", "hey"])
+    ap.add_argument("--bodies", nargs="+", default=["json", "multipart"], choices=["json", "multipart"])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--feedback-clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--images", type=int, default=200)
     args = ap.parse_args()
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
-    config = vars(args) | {"wrk": wrk_version, "load_generator": "wrk -t 1 (bench/wrk_post.lua)"}
+    config = vars(args) | {"wrk": wrk_version, "hey": "hey (Debian)"}
     m = header(config)
 
     ds = load_fashion_mnist()
@@ -189,68 +247,76 @@ def main() -> None:
         buf = io.BytesIO()
         Image.fromarray(ds.test.images[i, 0].numpy()).save(buf, format="PNG")
         pngs.append((buf.getvalue(), ds.classes[int(ds.test.labels[i])]))
-    results: dict = {"servers": {}}
+    runs: dict = {}  # (server, body, generator, clients) -> [run, ...]
+    labels: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_bodies(tmp / "predict", [json_body(p) for p, _ in pngs])
+        write_bodies(tmp / "json", [json_body(p) for p, _ in pngs])
         write_bodies(tmp / "multipart", [multipart(p) for p, _ in pngs])
-        multipart_type = f"multipart/form-data; boundary={BOUNDARY}"
-        for kind in args.servers:
-            proc, url = start(kind, args.model, tmp)
-            try:
-                accuracy = check_answers(url, pngs)  # also the warm-up
-                rows = {}
-                bodies, ctype = ((tmp / "multipart", multipart_type) if kind == "batched-multipart"
-                                 else (tmp / "predict", "application/json"))
-                for c in args.clients:
-                    wrk(url + "/predict", c, 2, bodies, len(pngs), content_type=ctype)  # warm-up
-                    runs = [wrk(url + "/predict", c, args.seconds, bodies, len(pngs), content_type=ctype)
-                            for _ in range(args.repeats)]
-                    rows[c] = {"runs": runs, **{k: spread([r[k] for r in runs])
-                                                for k in ("rps", "p50_us", "p95_us", "p99_us", "errors")}}
-                    ms = {k: rows[c][f"{k}_us"]["median"] / 1e3 for k in ("p50", "p95", "p99")}
-                    print(f"{kind:>17} c={c:>2}: {rows[c]['rps']['median']:8.1f} req/s  p50 {ms['p50']:6.1f} ms  "
-                          f"p95 {ms['p95']:6.1f} ms  p99 {ms['p99']:6.1f} ms  errors {sum(r['errors'] for r in runs)}",
-                          flush=True)
-                results["servers"][kind] = {"answer_accuracy": accuracy, "clients": rows}
-                if kind == "batched":
-                    write_bodies(tmp / "feedback", [multipart(p, label) for p, label in pngs])
-                    fb = {}
-                    for c in args.feedback_clients:
-                        runs = [wrk(url + "/feedback", c, args.seconds / 2, tmp / "feedback", len(pngs), TOKEN,
-                                    multipart_type) for _ in range(args.repeats)]
-                        fb[c] = {"runs": runs, **{k: spread([r[k] for r in runs])
-                                                  for k in ("rps", "p50_us", "p99_us", "errors")}}
-                        print(f" feedback c={c:>2}: {fb[c]['rps']['median']:8.1f} acknowledged/s  "
-                              f"p99 {fb[c]['p99_us']['median'] / 1e3:6.1f} ms  "
-                              f"errors {sum(r['errors'] for r in runs)}", flush=True)
-                    results["feedback"] = fb
-            finally:
-                stop(proc)
-    results["ceiling"] = ceiling(args.model, [p for p, _ in pngs], args.repeats)
-    cl = results["ceiling"]
+        for rep in range(args.repeats):
+            for kind in args.servers:  # alternated: every server once per repeat
+                proc, url = start(kind, args.model, tmp / f"state-{kind}-{rep}")  # fresh process, fresh state
+                try:
+                    got = answers(url, pngs)  # also the warm-up
+                    labels.setdefault(kind, got)
+                    if got != labels[kind]:
+                        raise RuntimeError(f"{kind} answered differently in repeat {rep}")
+                    for body in args.bodies:
+                        if body == "multipart" and kind not in MULTIPART:
+                            continue
+                        for gen in args.generators:
+                            for c in args.clients:
+                                measure(gen, url, c, 1, tmp, body, proc.pid)  # warm-up
+                                r = measure(gen, url, c, args.seconds, tmp, body, proc.pid)
+                                runs.setdefault(f"{kind}|{body}|{gen}|{c}", []).append(r)
+                                print(f"rep {rep} {kind:>14} {body:>9} {gen:>3} c={c:>2}: {r['rps']:8.1f} req/s  "
+                                      f"p50 {r['p50_us'] / 1e3:6.1f} ms  p99 {r['p99_us'] / 1e3:6.1f} ms  "
+                                      f"cpu {r['cpu_s_per_request'] * 1e3:5.2f} ms/req  errors {r['errors']}",
+                                      flush=True)
+                finally:
+                    stop(proc)
+    reference = labels[args.servers[0]]
+    truth = [label for _, label in pngs]
+    checks = {k: {"answers_equal_to_" + args.servers[0]: v == reference,
+                  "accuracy": sum(a == b for a, b in zip(v, truth)) / len(truth)} for k, v in labels.items()}
+    print("answers:", json.dumps(checks))
+    table = {key: {"runs": rs, **{k: spread([r[k] for r in rs]) for k in ("rps", "p50_us", "p95_us", "p99_us",
+                                                                         "cpu_s_per_request", "errors")}}
+             for key, rs in runs.items()}
+    results = {"answers": checks, "table": table}
+    results["ceiling"] = cl = ceiling(args.model, [p for p, _ in pngs], 3)
     print(f"  ceiling: {cl['best']['median']:.0f} images/s at batch {cl['best_batch']} (model only), "
           f"{cl['with_decode_at_best_batch']['median']:.0f} images/s with PNG decoding", flush=True)
-    s = results["servers"]
-    ratios = {}
-    for c in args.clients:
-        row = {}
-        if "batched" in s and "litserve" in s:
-            row["batched_over_litserve_rps"] = s["batched"]["clients"][c]["rps"]["median"] / \
-                s["litserve"]["clients"][c]["rps"]["median"]
-            row["batched_p99_over_litserve_p99"] = s["batched"]["clients"][c]["p99_us"]["median"] / \
-                s["litserve"]["clients"][c]["p99_us"]["median"]
-        if "batched" in s:
-            row["batched_over_ceiling"] = s["batched"]["clients"][c]["rps"]["median"] / cl["best"]["median"]
-            row["batched_over_ceiling_with_decode"] = s["batched"]["clients"][c]["rps"]["median"] / \
-                cl["with_decode_at_best_batch"]["median"]
-        if "batched" in s and "unbatched" in s:
-            row["batched_over_unbatched_rps"] = s["batched"]["clients"][c]["rps"]["median"] / \
-                s["unbatched"]["clients"][c]["rps"]["median"]
-        ratios[c] = row
-        print(f"  ratios c={c}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
-    results["ratios"] = ratios
+    results["ratios"] = ratios(table, args, cl)
+    for k, v in results["ratios"].items():
+        print(f"  {k}: {v}")
     write_record("load", config, results, m)
+
+
+def ratios(table: dict, args, cl: dict) -> dict:
+    """Ours (the better of one process and --workers 2) against LitServe at its best
+    (the better of w1 and w2), per generator and client count, from the medians."""
+    def med(kind, gen, c, k="rps", body="json"):
+        row = table.get(f"{kind}|{body}|{gen}|{c}")
+        return row[k]["median"] if row else None
+    out = {}
+    for gen in args.generators:
+        for c in args.clients:
+            ours = max((k for k in ("ours", "ours-workers2") if med(k, gen, c)), key=lambda k: med(k, gen, c),
+                       default=None)
+            lit = max((k for k in ("litserve-w1", "litserve-w2") if med(k, gen, c)), key=lambda k: med(k, gen, c),
+                      default=None)
+            row = {"ours_best": ours, "litserve_best": lit}
+            if ours and lit:
+                row["rps_ratio"] = med(ours, gen, c) / med(lit, gen, c)
+                row["p99_ratio"] = med(ours, gen, c, "p99_us") / med(lit, gen, c, "p99_us")
+            if ours:
+                row["ours_over_ceiling"] = med(ours, gen, c) / cl["best"]["median"]
+            if med("ours", gen, c) and med("ours-unbatched", gen, c):
+                row["ours_p50_over_unbatched_p50"] = med("ours", gen, c, "p50_us") / med("ours-unbatched", gen, c,
+                                                                                            "p50_us")
+            out[f"{gen} c={c}"] = row
+    return out
 
 
 if __name__ == "__main__":

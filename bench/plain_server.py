@@ -29,7 +29,7 @@ class Body(BaseModel):
 
 def create_plain_app(store: str, model: str) -> FastAPI:
     loaded = load_model(store, model)
-    net = loaded.model.eval()
+    net = loaded.model.for_inference()  # as the service runs it
     app = FastAPI()
 
     @app.post("/predict")

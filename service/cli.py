@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .core.model import ClassifierConfig
 from .core.routing import RoutingPolicy
-from .web.settings import ServiceConfig
+from .web.settings import ServiceConfig, usable_cores
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -154,9 +154,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")),
+    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY") or usable_cores()),
                    help="server processes, each a full copy of the model kept consistent through the feedback "
-                        "store (env WEB_CONCURRENCY, default: 1)")
+                        "store, sharing the cores (env WEB_CONCURRENCY, default: the cores this process may use)")
     add_settings_args(p, ServiceConfig)
     p.set_defaults(func=serve)
 

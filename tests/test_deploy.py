@@ -1,6 +1,7 @@
 """Deployment files: no Docker engine here, so the Dockerfile is linted and the compose and
 Prometheus files are validated by their own tools (installed by .ci/run and `make test`)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,10 +25,12 @@ def test_dockerfile_passes_hadolint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_dockerfile_runs_as_non_root_with_healthcheck():
+def test_dockerfile_runs_as_non_root_with_healthcheck_and_serves_on_every_core():
     text = (ROOT / "Dockerfile").read_text()
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
-    assert "COPY model_store" in text and "VOLUME" in text and "service.web.app:app" in text
+    assert "COPY model_store" in text and "VOLUME" in text
+    cmd = json.loads(text.split("\nCMD ", 1)[1].splitlines()[0])
+    assert cmd[:4] == ["python", "-m", "service", "serve"] and "--workers" not in cmd  # default: the cores
 
 
 @pytest.mark.parametrize("compose", ["docker-compose.yml", "docker-compose.replicated.yml"])

@@ -94,7 +94,7 @@ class ModelRuntime:
                  index: str = "exact", nprobe: int = 16, protect_feedback: bool = True,
                  feedback_db: str | None = None, feedback: FeedbackStore | None = None):
         self.loaded: LoadedModel = load_model(store, name)
-        self.model = self.loaded.model.eval()
+        self.model = self.loaded.model.for_inference()
         self.memory = self.model.memory
         self.version = self.loaded.version
         # the manifest's policy (chosen on the training run's validation split), with any

@@ -64,12 +64,14 @@ router = APIRouter()
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
 async def predict(request: Request, state: AppState = Depends(app_state),
-                  rt: ModelRuntime = Depends(runtime)) -> PredictResponse:
+                  rt: ModelRuntime = Depends(runtime)) -> Response:
     t0 = time.perf_counter()
     files = await read_images(request, state.config, allow_json=True)
     batch, decode_s = await decode_batch(files, rt.loaded.input, state.config, state.decode_pool)
     served, batch_size = await state.predict(batch)
-    return predict_response(rt, served, decode_s, time.perf_counter() - t0, state, batch_size)
+    answer = predict_response(rt, served, decode_s, time.perf_counter() - t0, state, batch_size)
+    # serialised here, once: FastAPI would validate the model against response_model again
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, openapi_extra=FEEDBACK_BODY,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -11,15 +10,7 @@ import torch
 from ..serving.batching import BatchConfig, DynamicBatcher
 from ..serving.runtime import ModelRuntime
 from .metrics import Metrics
-from .settings import ServiceConfig
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, as a container or taskset limits it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+from .settings import ServiceConfig, usable_cores
 
 
 class AppState:
