@@ -20,13 +20,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, state_dir: Path, token: str = "server-test-token", workers: int = 1, **env):
+    def __init__(self, state_dir: Path, token: str = "server-test-token", workers: int | None = 1, **env):
         # one process unless asked: kill -9 and restart tests mean one process, not a group
         self.state_dir, self.token, self.workers, self.env = Path(state_dir), token, workers, env
         self.proc: subprocess.Popen | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start_seconds = float("nan")
+
+    @property
+    def workers_flag(self) -> list[str]:
+        return [] if self.workers is None else ["--workers", str(self.workers)]  # None: serve's default
 
     @property
     def auth(self) -> dict:
@@ -40,7 +44,7 @@ class Server:
         log = open(self.state_dir / f"server-{time.time_ns()}.log", "wb")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(self.port),
-                                      "--log-level", "warning", "--workers", str(self.workers)], env=env, cwd=ROOT, stdout=log,
+                                      "--log-level", "warning", *self.workers_flag], env=env, cwd=ROOT, stdout=log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

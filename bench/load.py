@@ -3,10 +3,11 @@ clients on loopback, with two load generators.
 
 Servers, each started fresh (a new process, an empty state folder) for every repeat, all
 serving the same stored model:
-  ours           this service with default settings (one process, adaptive batching)
-  ours-workers2  this service, `serve --workers 2` (two full processes, one torch thread each,
-                 kept consistent through the feedback store)
-  ours-unbatched this service with MAX_BATCH_SIZE 1 (the 1-client latency reference)
+  ours           this service with default settings: `serve` runs one process per core (two
+                 here, one torch thread each, kept consistent through the feedback store),
+                 adaptive batching
+  ours-1proc     the same in one process (`--workers 1`, two torch threads)
+  ours-unbatched the default with MAX_BATCH_SIZE 1 (the 1-client latency reference)
   litserve-w1    LitServe with its own batching (bench/litserve_server.py), workers_per_device 1
   litserve-w2    the same with workers_per_device 2 (one torch thread each)
   plain          a plain FastAPI endpoint calling the model per request, one torch thread
@@ -73,8 +74,8 @@ def write_bodies(folder: Path, bodies: list[bytes]) -> None:
         (folder / f"{i}.body").write_bytes(b)
 
 
-SERVERS = ("ours", "ours-workers2", "ours-unbatched", "litserve-w1", "litserve-w2", "plain")
-MULTIPART = ("ours", "ours-workers2", "ours-unbatched")  # servers that take multipart uploads
+SERVERS = ("ours", "ours-1proc", "ours-unbatched", "litserve-w1", "litserve-w2", "plain")
+MULTIPART = ("ours", "ours-1proc", "ours-unbatched")  # servers that take multipart uploads
 
 
 def server_command(kind: str, port: int, model: str, state_dir: Path) -> tuple[list[str], dict, str]:
@@ -83,7 +84,7 @@ def server_command(kind: str, port: int, model: str, state_dir: Path) -> tuple[l
         env |= {"MODEL_NAME": model, "STATE_DIR": str(state_dir), "API_TOKEN": TOKEN, "SNAPSHOT_INTERVAL": "0"}
         if kind == "ours-unbatched":
             env["MAX_BATCH_SIZE"] = "1"
-        workers = ["--workers", "2"] if kind == "ours-workers2" else []
+        workers = ["--workers", "1"] if kind == "ours-1proc" else []  # else serve's default: the cores
         return [PY, "-m", "service", "serve", "--port", str(port), "--log-level", "warning", *workers], env, "/readyz"
     if kind.startswith("litserve"):
         return [PY, "bench/litserve_server.py", "--port", str(port), "--model", model, "--max-batch-size", "32",
@@ -106,7 +107,7 @@ def start(kind: str, model: str, state_dir: Path) -> tuple[subprocess.Popen, str
             raise RuntimeError(f"{kind} server exited with {proc.returncode}; see {state_dir / 'server.log'}")
         try:
             if httpx.get(url + health, timeout=1).status_code == 200:
-                if kind in ("ours-workers2", "litserve-w2"):
+                if kind in ("ours", "ours-unbatched", "litserve-w2"):
                     time.sleep(3)  # the second worker may still be loading
                 return proc, url
         except httpx.HTTPError:
@@ -232,6 +233,7 @@ def main() -> None:
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     ap.add_argument("--generators", nargs="+", default=["wrk", "hey"], choices=["wrk", "hey"])
     ap.add_argument("--bodies", nargs="+", default=["json", "multipart"], choices=["json", "multipart"])
+    ap.add_argument("--multipart-servers", nargs="+", default=["ours"], choices=MULTIPART)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--repeats", type=int, default=2)
@@ -262,7 +264,7 @@ def main() -> None:
                     if got != labels[kind]:
                         raise RuntimeError(f"{kind} answered differently in repeat {rep}")
                     for body in args.bodies:
-                        if body == "multipart" and kind not in MULTIPART:
+                        if body == "multipart" and kind not in args.multipart_servers:
                             continue
                         for gen in args.generators:
                             for c in args.clients:
@@ -294,7 +296,7 @@ def main() -> None:
 
 
 def ratios(table: dict, args, cl: dict) -> dict:
-    """Ours (the better of one process and --workers 2) against LitServe at its best
+    """Ours (the better of the default and one process) against LitServe at its best
     (the better of w1 and w2), per generator and client count, from the medians."""
     def med(kind, gen, c, k="rps", body="json"):
         row = table.get(f"{kind}|{body}|{gen}|{c}")
@@ -302,7 +304,7 @@ def ratios(table: dict, args, cl: dict) -> dict:
     out = {}
     for gen in args.generators:
         for c in args.clients:
-            ours = max((k for k in ("ours", "ours-workers2") if med(k, gen, c)), key=lambda k: med(k, gen, c),
+            ours = max((k for k in ("ours", "ours-1proc") if med(k, gen, c)), key=lambda k: med(k, gen, c),
                        default=None)
             lit = max((k for k in ("litserve-w1", "litserve-w2") if med(k, gen, c)), key=lambda k: med(k, gen, c),
                       default=None)

@@ -187,7 +187,9 @@ def serve(ns: argparse.Namespace) -> int:
     # passed down as their variables) and shares the cores instead of each taking them all
     for name in overrides:
         os.environ[name.upper()] = str(overrides[name])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ns.workers)))
+    share = str(max(1, usable_cores() // ns.workers))  # each process's part of the cores
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    os.environ.setdefault("DECODE_THREADS", share)  # images decoded at once: the cores, over all processes
     # one /metrics for all processes: prometheus_client's multiprocess mode, in a folder of
     # this server's own (emptied first: values of an earlier run must not be summed in)
     metrics_dir = Path(config.state_dir) / f"prometheus-{ns.port}"

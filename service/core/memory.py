@@ -176,7 +176,7 @@ class Memory(nn.Module):
         """Call under the same lock."""
         self._copy_on_write.remove(cow)
 
-    def state_pieces(self, cow: "CopyOnWrite", lock, rows: int = 1 << 16):
+    def state_pieces(self, cow: "CopyOnWrite", lock, rows: int = 4096):
         """The state_dict as of `begin_copy_on_write`, as (name, tensor) pieces in `state_layout`
         order: per-slot entries `rows` slots at a time. Each piece is copied under `lock` and
         patched with the rows writes have replaced since; a reader of the memory waits at most
@@ -223,8 +223,15 @@ class Memory(nn.Module):
         """The k most similar filled slots: (similarity (B, k), slot (B, k)), -inf where
         fewer are filled. Exact and chunked (retrieval.exact_topk), or the attached index."""
         q = F.normalize(features.float(), dim=-1)  # (B, D)
-        if self.index is not None:
-            return self.index.search(q, k)
+        if self.index is not None:  # candidates from the index, similarities exact from the keys
+            _, slots = self.index.search(q, k)  # (B, k), -1 where fewer were found
+            keys = self.keys.detach()[slots.clamp_min(0)]  # (B, k, D)
+            sims = torch.einsum("bd,bkd->bk", q, keys)
+            if not self.keys_are_unit:
+                sims = sims / keys.norm(dim=-1).clamp_min(1e-12)
+            sims = sims.masked_fill(slots < 0, float("-inf"))
+            sims, order = sims.sort(dim=-1, descending=True)
+            return sims, slots.gather(1, order)
         scale = None if self.keys_are_unit else self.keys.detach().norm(dim=-1).clamp_min(1e-12).reciprocal()
         return exact_topk(q, self.keys.detach(), k, None if self.size == self.capacity else self.filled(), scale)
 
@@ -233,8 +240,7 @@ class Memory(nn.Module):
         """Search through a faiss IVF index from now on, kept in step with every write.
         For serving: a trainable memory's keys also move by gradient steps, which the index
         would not see, so attach it only to a memory that is no longer trained."""
-        keys = F.normalize(self.keys.detach().float(), dim=-1)
-        self.index = IVFIndex(keys, self.filled(), nlist=nlist, nprobe=nprobe)
+        self.index = IVFIndex(self.keys.detach(), self.filled(), nlist=nlist, nprobe=nprobe)
         return self.index
 
     def retrieve(self, features: torch.Tensor, k: int = 5, class_balance: float = 0.0) -> Retrieval:

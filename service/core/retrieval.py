@@ -4,8 +4,8 @@
 of keys, a running top-k merged chunk by chunk, so a 1,000,000-item memory never builds the
 whole (B, M) similarity matrix (peak extra memory B x chunk floats, not B x M).
 
-`IVFIndex` wraps faiss's IndexIVFFlat (inner product on unit keys = cosine) for large
-memories: k-means cells, a query scans `nprobe` of them. It is kept in step with the memory:
+`IVFIndex` wraps faiss's IVF index (inner product on unit keys = cosine; vectors stored as
+float16) for large memories: k-means cells, a query scans `nprobe` of them. It is kept in step with the memory:
 every write removes the slot's old vector and adds the new one under the slot's id. It is
 derived state, rebuilt from the keys on load; the memory's state_dict stays the truth.
 faiss is imported only when an index is asked for.
@@ -14,6 +14,7 @@ faiss is imported only when an index is asked for.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_CHUNK = 65536
 
@@ -46,26 +47,35 @@ def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, filled: torch.
 
 
 class IVFIndex:
-    """faiss IndexIVFFlat over the filled slots, ids = slot numbers."""
+    """faiss IVF (float16 vectors) over the filled slots (keys normalised here), ids = slot numbers."""
 
     def __init__(self, keys: torch.Tensor, filled: torch.Tensor, nlist: int | None = None, nprobe: int = 16,
                  train_size: int = 100_000, seed: int = 0):
         import faiss
 
         self.faiss = faiss
+        # a request's few queries scan a few cells: one thread. faiss's own OpenMP pool beside
+        # torch's spins for the cores and made a single lookup 30x slower on 2 cores
+        faiss.omp_set_num_threads(1)
         slots = filled.nonzero().squeeze(1)
         n, d = len(slots), keys.shape[1]
         if n < 2:
             raise ValueError("an IVF index needs at least 2 filled slots to train")
         self.nlist = nlist or max(1, min(4 * int(n ** 0.5), n // 39))  # faiss wants >= 39 points per cell
         self.quantizer = faiss.IndexFlatIP(d)
-        self.index = faiss.IndexIVFFlat(self.quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        # vectors kept as float16: half the index's memory (its copy of the keys would
+        # otherwise double a large memory's footprint). The candidates it returns are
+        # re-scored exactly from the memory's own float32 keys (Memory.search).
+        self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, d, self.nlist, faiss.ScalarQuantizer.QT_fp16,
+                                                   faiss.METRIC_INNER_PRODUCT)
         g = torch.Generator().manual_seed(seed)
         sample = slots[torch.randperm(n, generator=g)[:train_size]]
-        self.index.train(self._np(keys[sample]))
+        self.index.train(self._np(F.normalize(keys[sample].float(), dim=-1)))
         self.index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by slot id
         self.index.nprobe = nprobe
-        self.index.add_with_ids(self._np(keys[slots]), slots.numpy().astype("int64"))
+        for start in range(0, n, DEFAULT_CHUNK):  # a chunk at a time: the index's copy is the only large one
+            chunk = slots[start:start + DEFAULT_CHUNK]
+            self.index.add_with_ids(self._np(F.normalize(keys[chunk].float(), dim=-1)), chunk.numpy().astype("int64"))
 
     @staticmethod
     def _np(x: torch.Tensor):

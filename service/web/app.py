@@ -62,6 +62,7 @@ async def lifespan(app: FastAPI):
         state.metrics.process_exited()
         state.model_thread.shutdown(wait=True)
         state.decode_pool.shutdown(wait=True)
+        state.snapshot_thread.shutdown(wait=True)
 
 
 def create_app(config: ServiceConfig | None = None) -> FastAPI:
@@ -90,7 +91,7 @@ async def _periodic_snapshots(state: AppState) -> None:
         rt = state.runtime
         if rt is not None and rt.dirty:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, rt.snapshot)  # off the model thread
+                await state.snapshot()  # off the model thread
             except (OSError, SnapshotError) as e:
                 log.error("periodic snapshot failed: %s", e)
 

@@ -142,7 +142,7 @@ async def snapshot(state: AppState = Depends(app_state), rt: ModelRuntime = Depe
     if rt.memory is None:
         raise ApiError(422, "no_memory", "this model has no memory to snapshot")
     try:
-        path = await run_in_threadpool(rt.snapshot)  # a clone under the lock; the writing off the model thread
+        path = await state.snapshot()  # streamed a piece at a time; predictions go on
     except OSError as e:
         raise ApiError(507, "snapshot_failed", f"snapshot not written: {e}")
     return SnapshotResponse(file=path.name, last_seq=rt.stats.last_snapshot_seq, time=rt.stats.last_snapshot_time)

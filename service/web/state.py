@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -11,6 +13,13 @@ from ..serving.batching import BatchConfig, DynamicBatcher
 from ..serving.runtime import ModelRuntime
 from .metrics import Metrics
 from .settings import ServiceConfig, usable_cores
+
+
+def _background_priority() -> None:
+    try:  # on Linux a thread has its own nice value; raising it needs no privilege
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 class AppState:
@@ -22,12 +31,20 @@ class AppState:
         self.ready = False
         self.metrics = Metrics()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # snapshots: one at a time, on a thread at background CPU priority, so that writing a
+        # large memory takes the cores only when predictions leave them idle
+        self.snapshot_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot",
+                                                  initializer=_background_priority)
         # image decoding: bounded by the cores, not by the web server's 40-thread pool
         self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads or usable_cores(),
                                               thread_name_prefix="decode")
 
     async def on_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
+
+    async def snapshot(self):
+        """The runtime's snapshot, on the snapshot thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.snapshot_thread, self.runtime.snapshot)
 
     def _observe_batch(self, size: int, waits: list[float]) -> None:
         self.metrics.batch_size.observe(size)
