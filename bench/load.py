@@ -238,6 +238,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--record", default="load", help="name of the JSON record in bench/results/")
     args = ap.parse_args()
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     config = vars(args) | {"wrk": wrk_version, "hey": "hey (Debian)"}
@@ -292,7 +293,7 @@ def main() -> None:
     results["ratios"] = ratios(table, args, cl)
     for k, v in results["ratios"].items():
         print(f"  {k}: {v}")
-    write_record("load", config, results, m)
+    write_record(args.record, config, results, m)
 
 
 def ratios(table: dict, args, cl: dict) -> dict:

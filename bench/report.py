@@ -234,44 +234,106 @@ def early_exit_table() -> str:
     return "\n".join(rows) if found else "(early_exit not run)"
 
 
+LOAD_NAMES = {"ours": "this service (default: 2 processes)", "ours-1proc": "this service, `--workers 1`",
+              "ours-unbatched": "this service, MAX_BATCH_SIZE=1", "litserve-w1": "LitServe, workers_per_device 1",
+              "litserve-w2": "LitServe, workers_per_device 2", "plain": "plain FastAPI, 1 torch thread"}
+
+
 def load_table() -> str:
     r = load("load")
     if r is None:
         return "(load not run)"
     res = r["results"]
-    rows = ["| server | clients | requests/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
-    names = {"batched": "this service, batching", "unbatched": "this service, MAX_BATCH_SIZE=1",
-             "litserve": "LitServe, its batching", "plain": "plain FastAPI per request",
-             "batched-multipart": "this service, batching, multipart uploads"}
-    for kind, s in res["servers"].items():
-        for c, row in s["clients"].items():
-            rows.append(f"| {names.get(kind, kind)} | {c} | {row['rps']['median']:.0f} "
-                        f"({row['rps']['min']:.0f}-{row['rps']['max']:.0f}) | {row['p50_us']['median'] / 1e3:.1f} | "
-                        f"{row['p95_us']['median'] / 1e3:.1f} | {row['p99_us']['median'] / 1e3:.1f} | "
-                        f"{sum(x['errors'] for x in row['runs'])} |")
+    rows = ["| server | body | generator | clients | requests/s | p50 ms | p99 ms | server CPU ms / request | errors |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for key, row in res["table"].items():
+        kind, body, gen, c = key.split("|")
+        rows.append(f"| {LOAD_NAMES.get(kind, kind)} | {body} | {gen} | {c} | {row['rps']['median']:.0f} "
+                    f"({row['rps']['min']:.0f}-{row['rps']['max']:.0f}) | {row['p50_us']['median'] / 1e3:.1f} | "
+                    f"{row['p99_us']['median'] / 1e3:.1f} | {row['cpu_s_per_request']['median'] * 1e3:.2f} | "
+                    f"{sum(x['errors'] for x in row['runs'])} |")
     cl = res["ceiling"]
-    rows.append("")
-    rows.append(f"In-process ceiling (no HTTP): **{cl['best']['median']:.0f} images/s** at batch {cl['best_batch']} "
-                f"(model only); {cl['with_decode_at_best_batch']['median']:.0f} images/s with PNG decoding. "
-                "By batch: "
-                + ", ".join(f"{b}: {v['median']:.0f}" for b, v in cl["images_per_second_by_batch"].items()))
-    rows.append("")
-    rows.append("| clients | batched / LitServe req/s | batched p99 / LitServe p99 | batched / ceiling | "
-                "batched / ceiling with decode | batched / unbatched |")
-    rows.append("|---|---|---|---|---|---|")
-    for c, x in res["ratios"].items():
-        def f(k):
-            return f"{x[k]:.2f}x" if k in x else "n/a"
-        rows.append(f"| {c} | {f('batched_over_litserve_rps')} | {f('batched_p99_over_litserve_p99')} | "
-                    f"{f('batched_over_ceiling')} | {f('batched_over_ceiling_with_decode')} | "
-                    f"{f('batched_over_unbatched_rps')} |")
-    if "feedback" in res:
-        rows.append("")
-        rows.append("| /feedback clients | acknowledged/s (journal fsync each) | p50 ms | p99 ms | errors |")
-        rows.append("|---|---|---|---|---|")
-        for c, x in res["feedback"].items():
-            rows.append(f"| {c} | {x['rps']['median']:.0f} | {x['p50_us']['median'] / 1e3:.1f} | "
-                        f"{x['p99_us']['median'] / 1e3:.1f} | {sum(y['errors'] for y in x['runs'])} |")
+    rows += ["", f"In-process ceiling (no HTTP, channels-last like every server): **{cl['best']['median']:.0f} "
+                 f"images/s** at batch {cl['best_batch']} (model only); {cl['with_decode_at_best_batch']['median']:.0f} "
+                 "images/s with PNG decoding. By batch: "
+                 + ", ".join(f"{b}: {v['median']:.0f}" for b, v in cl["images_per_second_by_batch"].items())]
+    same = all(v[k] for v in res["answers"].values() for k in v if k.startswith("answers_equal"))
+    acc = sorted({v["accuracy"] for v in res["answers"].values()})
+    rows += ["", f"Answers on the 200 images: every server's labels equal this service's: **{same}**; "
+                 f"accuracy {', '.join(f'{a:.1%}' for a in acc)}."]
+    one = load("load-one-client")
+    if one is not None:
+        t = one["results"]["table"]
+        rows += ["", f"A lone client, {one['config']['repeats']} repeats of {one['config']['seconds']:.0f} s "
+                     "(`bench/load.py --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json "
+                     "--record load-one-client`):", "",
+                 "| generator | default (adaptive batching) p50 / p99 | MAX_BATCH_SIZE=1 p50 / p99 | p50 ratio |",
+                 "|---|---|---|---|"]
+        for gen in one["config"]["generators"]:
+            a, b = t[f"ours|json|{gen}|1"], t[f"ours-unbatched|json|{gen}|1"]
+            rows.append(f"| {gen} | {a['p50_us']['median'] / 1e3:.2f} / {a['p99_us']['median'] / 1e3:.2f} ms | "
+                        f"{b['p50_us']['median'] / 1e3:.2f} / {b['p99_us']['median'] / 1e3:.2f} ms | "
+                        f"**{a['p50_us']['median'] / b['p50_us']['median']:.2f}x** |")
+    rows += ["", "| generator, clients | ours (best of default / 1 process) | LitServe at its best | req/s ratio | "
+             "p99 ratio | ours / ceiling | ours p50 / unbatched p50 |", "|---|---|---|---|---|---|---|"]
+    for k, x in res["ratios"].items():
+        def f(name, fmt="{:.2f}x"):
+            return fmt.format(x[name]) if name in x else "n/a"
+        rows.append(f"| {k} | {LOAD_NAMES.get(x.get('ours_best'), '-')} | {LOAD_NAMES.get(x.get('litserve_best'), '-')} "
+                    f"| **{f('rps_ratio')}** | {f('p99_ratio')} | {f('ours_over_ceiling', '{:.0%}')} | "
+                    f"{f('ours_p50_over_unbatched_p50')} |")
+    return "\n".join(rows)
+
+
+def memory_scale_table() -> str:
+    r = load("memory-scale")
+    if r is None:
+        return "(memory-scale not run)"
+    res = r["results"]
+    rows = [f"Memory of the 1M-item model: {res['memory_mb']:.0f} MB (keys float32 D 256, labels, write times).", "",
+            "| memory | search | start to ready | peak RSS at ready | /predict p50 | /predict p99 |",
+            "|---|---|---|---|---|---|"]
+    for label, x in res.items():
+        if not isinstance(x, dict) or "predict" not in x:
+            continue
+        size, index = label.split("-")
+        rows.append(f"| {size} | {index} | {x['start_seconds']:.1f} s | {x['peak_rss_mb_at_ready']:.0f} MB | "
+                    f"{x['predict']['p50_ms']:.2f} ms | {x['predict']['p99_ms']:.2f} ms |")
+    rows += ["", "| memory | snapshot takes | /predict p99 during / outside | requests during | peak RSS growth |",
+             "|---|---|---|---|---|"]
+    for label, x in res.items():
+        if isinstance(x, dict) and "snapshot" in x:
+            sn = x["snapshot"]
+            rows.append(f"| {label} | {sn['seconds']['median']:.1f} s | {sn['during']['p99_ms']:.2f} / "
+                        f"{sn['outside']['p99_ms']:.2f} ms = **{sn['p99_during_over_outside']:.2f}x** | "
+                        f"{sn['during']['n']} | {sn['peak_rss_growth_mb']:.0f} MB |")
+    ra = res["ratios"]
+    rows += ["", f"1M (IVF) /predict p50 over 10k exact (the default): **{ra['p50_1m_ivf_over_10k_exact']:.2f}x**, "
+                 f"over 10k IVF: **{ra['p50_1m_ivf_over_10k_ivf']:.2f}x**. Start-up peak RSS beyond the 10k "
+                 f"server's, over the memory's size: IVF **{ra['peak_rss_over_memory_1m_ivf']:.2f}x**"
+                 + (f", exact **{ra['peak_rss_over_memory_1m_exact']:.2f}x**" if "peak_rss_over_memory_1m_exact" in ra
+                    else "") + "."]
+    return "\n".join(rows)
+
+
+def hostile_table() -> str:
+    r = load("hostile-images")
+    if r is None:
+        return "(hostile-images not run)"
+    res = r["results"]
+    rows = ["| image | file | decoder | CPU ms (median of 5) | extra memory |", "|---|---|---|---|---|"]
+    for name, x in res["decode"].items():
+        for which, y in x.items():
+            if which == "bytes":
+                continue
+            rows.append(f"| {name} | {x['bytes'] / 1024:.0f} KB | {which} | {y['cpu_ms']['median']:.1f} | "
+                        f"{y['extra_mb']:.1f} MB |")
+    rows += ["", "| attack (back to back) | others' req/s | vs alone | others' p99 | attacker's answers |",
+             "|---|---|---|---|---|"]
+    base = res["served"]["none"]["rps"]
+    for name, x in res["served"].items():
+        rows.append(f"| {name} | {x['rps']:.0f} | **{x['rps'] / base:.2f}x** | {x['p99_ms']:.1f} ms | "
+                    f"{x['attacker_statuses'] or '-'} |")
     return "\n".join(rows)
 
 
@@ -366,7 +428,8 @@ if __name__ == "__main__":
                 "sweep-cifar10": lambda: sweep_table("cifar10"), "overhead": overhead_table,
                 "service": service_table, "service-headline": service_headline, "crash": crash_table,
                 "roundtrip": roundtrip_lines, "reliability": reliability_table, "early-exit": early_exit_table,
-                "load": load_table, "retrieval": retrieval_table,
+                "load": load_table, "retrieval": retrieval_table, "memory-scale": memory_scale_table,
+                "hostile": hostile_table,
                 "online-fashion-mnist": lambda: online_table("fashion-mnist"),
                 "online-cifar10": lambda: online_table("cifar10"), "online-ablation": online_ablation_table,
                 "shift": shift_table, "policy-grid-fashion-mnist": lambda: policy_grid_table("fashion-mnist"),

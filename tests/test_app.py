@@ -311,3 +311,12 @@ def test_a_request_over_the_pixel_budget_is_refused_before_decoding(make_client)
     assert r.status_code == 413 and r.json()["error"] == "request_too_large"
     r = c.post("/feedback", files=three + [("file", png(3))], data={"label": "Novel"}, headers=AUTH)
     assert r.status_code == 413 and memory_state(c)["feedback_items"] == 0
+
+
+@pytest.mark.parametrize("path", ["/feedback?before=48894443152177142559065690550621437952",
+                                  "/feedback/48894443152177142559065690550621437952/image"])
+def test_feedback_ids_beyond_64_bits_are_refused_not_looked_up(client, path):
+    r = client.get(path, headers=AUTH)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    r = client.delete("/feedback/48894443152177142559065690550621437952", headers=AUTH)
+    assert r.status_code == 422

@@ -190,3 +190,45 @@ def test_a_corrupted_sqlite_file_is_a_clear_error_and_is_left_as_it_was(tmp_path
     with pytest.raises(FeedbackStoreError, match="damaged|integrity"):
         SqliteStore(path)
     assert path.read_bytes() == bytes(raw)  # nothing truncated or rewritten
+
+
+def test_a_snapshot_in_progress_blocks_neither_predictions_nor_feedback_and_records_its_start(make_runtime,
+                                                                                               monkeypatch):
+    import threading
+
+    from service.serving import snapshots
+
+    rt = make_runtime()
+    teach(rt, [1], "one")
+    at_start = state(rt)
+    paused, resume = threading.Event(), threading.Event()
+    real_write = snapshots.write_streaming
+
+    def slow_write(path, layout, pieces, *a, **kw):
+        def held():
+            for i, piece in enumerate(pieces):
+                if i == 1:  # one piece copied: hold the writer in the middle of the memory
+                    paused.set()
+                    resume.wait(30)
+                yield piece
+        return real_write(path, layout, held(), *a, **kw)
+    monkeypatch.setattr(snapshots, "write_streaming", slow_write)
+    writer = threading.Thread(target=rt.snapshot)
+    writer.start()
+    assert paused.wait(30)
+    # mid-snapshot: the memory lock is free, so predictions and feedback go through
+    assert len(rt.predict(image(5)[0]).prediction.labels) == 1
+    teach(rt, [2, 3], "Novel")
+    rt.forget(1)
+    resume.set()
+    writer.join(30)
+    live = rt.state_hash()
+    rt.close()
+    # the snapshot holds the memory as of its start; the log brings the rest
+    rt2 = make_runtime()
+    assert rt2.stats.restored_from_seq == 1
+    assert rt2.state_hash() == live
+    from safetensors.torch import load_file
+    path, meta = rt2.snapshots.check(rt2.snapshots.sidecars()[0])
+    saved = load_file(path)  # the file itself, by the safetensors library
+    assert same(({k: saved[k] for k in at_start[0]}, saved["slot_feedback"], meta["classes"]), at_start)

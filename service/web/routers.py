@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hmac
 import time
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -60,6 +62,8 @@ FEEDBACK_BODY = {"requestBody": {"required": True, "content": {
         "label": {"type": "string", "description": "class name or index; a new name teaches a new class"}}}}}}}
 
 router = APIRouter()
+MAX_ID = 2 ** 63 - 1  # feedback ids are 64-bit integers in both stores: larger ones are refused (422), not looked up
+FeedbackId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
@@ -105,7 +109,7 @@ async def feedback(request: Request, state: AppState = Depends(app_state), rt: M
 
 @router.get("/feedback", response_model=FeedbackList, responses=ERRORS, dependencies=[Depends(require_token)])
 async def list_feedback(rt: ModelRuntime = Depends(runtime), limit: int = Query(50, ge=1, le=500),
-                        before: int | None = Query(None, ge=1)) -> FeedbackList:
+                        before: int | None = Query(None, ge=1, le=MAX_ID + 1)) -> FeedbackList:
     rows = await run_in_threadpool(rt.store.examples, limit, before)
     items = [StoredExample(id=r.seq, label=r.label, time=r.created, forgotten=r.forgotten is not None,
                            request_id=r.request_id) for r in rows]
@@ -114,7 +118,7 @@ async def list_feedback(rt: ModelRuntime = Depends(runtime), limit: int = Query(
 
 @router.get("/feedback/{feedback_id}/image", responses=ERRORS, dependencies=[Depends(require_token)],
             response_class=Response)
-async def feedback_image(feedback_id: int, rt: ModelRuntime = Depends(runtime)) -> Response:
+async def feedback_image(feedback_id: FeedbackId, rt: ModelRuntime = Depends(runtime)) -> Response:
     data, media, forgotten = await run_in_threadpool(rt.store.image, feedback_id)
     if forgotten:
         raise ApiError(410, "forgotten", f"feedback {feedback_id} was forgotten: its image is erased")
@@ -123,7 +127,7 @@ async def feedback_image(feedback_id: int, rt: ModelRuntime = Depends(runtime)) 
 
 @router.delete("/feedback/{feedback_id}", response_model=Forgotten, responses=ERRORS,
                dependencies=[Depends(require_token)])
-async def forget_feedback(feedback_id: int, state: AppState = Depends(app_state),
+async def forget_feedback(feedback_id: FeedbackId, state: AppState = Depends(app_state),
                           rt: ModelRuntime = Depends(runtime)) -> Forgotten:
     changed = await run_in_threadpool(rt.forget, feedback_id)
     state.update_memory_gauges()
