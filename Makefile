@@ -62,11 +62,16 @@ bench: install data
 	$(PY) bench/train_step_overhead.py
 	$(PY) bench/service_latency.py
 
-# issue 4: load (needs Debian wrk and PyPI litserve), retrieval at scale, early exit
+# issues 4 and 12: load (needs Debian wrk and hey, PyPI litserve), a 1M-item memory, hostile
+# images, retrieval at scale, early exit. Run on a quiet machine: they measure time.
 bench-perf: install data
 	command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk
+	command -v hey >/dev/null || $(SUDO) apt-get install -y -qq hey
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/load.py
+	$(PY) bench/load.py --seconds 8 --repeats 2
+	$(PY) bench/load.py --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json --record load-one-client
+	$(PY) bench/memory_scale.py
+	$(PY) bench/hostile_images.py --seconds 8 --before 26a59f0
 	$(PY) bench/retrieval_scale.py
 	bench/train_models.sh fashion-mnist-poolnet && bench/train_models.sh fashion-mnist-stage1 && bench/train_models.sh fashion-mnist-stage2
 	bench/train_models.sh cifar10-stage1 && bench/train_models.sh cifar10-stage2
