@@ -81,7 +81,7 @@ def service_table() -> str:
     rows = [f"Start to ready (launch of `python -m service serve` to /readyz 200): median **{st['median']:.2f} s** "
             f"(min {st['min']:.2f}, max {st['max']:.2f}, {st['n']} starts).", "",
             "| one client, loopback, 28x28 PNG | p50 ms | p90 ms | p99 ms | requests |", "|---|---|---|---|---|"]
-    for k, label in (("predict_ms", "/predict"), ("feedback_ms", "/feedback (journal fsync included)")):
+    for k, label in (("predict_ms", "/predict"), ("feedback_ms", "/feedback (durable commit to the feedback store included)")):
         v = res[k]
         rows.append(f"| {label} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} | {v['n']} |")
     b = res["bad_inputs"]
@@ -103,7 +103,7 @@ def service_headline() -> str:
         f"(median of {res['start_to_ready_s']['n']}).",
         f"- `/predict`, one 28x28 PNG: p50 **{res['predict_ms']['p50']:.1f} ms**, "
         f"p99 **{res['predict_ms']['p99']:.1f} ms**; "
-        f"`/feedback` (fsync before the answer): p50 **{res['feedback_ms']['p50']:.1f} ms**, "
+        f"`/feedback` (committed durably to the feedback store before the answer): p50 **{res['feedback_ms']['p50']:.1f} ms**, "
         f"p99 **{res['feedback_ms']['p99']:.1f} ms**.",
         f"- Bad input: {b['tried']} cases, {b['as_expected']} answered as expected (the refused ones a 4xx with a "
         f"JSON error, the {sum(c_['expected'] == 200 for c_ in b['cases'])} odd but valid images a 200), "

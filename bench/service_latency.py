@@ -59,14 +59,14 @@ def main() -> None:
     starts = []
     for _ in range(args.starts):
         with tempfile.TemporaryDirectory() as d:
-            s = Server(d, TOKEN, **env).start()
+            s = Server(d, TOKEN, workers=None, **env).start()  # serve's defaults: one process per core
             starts.append(s.start_seconds)
             s.kill(signal.SIGTERM)
     results["start_to_ready_s"] = spread(starts)
     print(f"start to ready: median {results['start_to_ready_s']['median']:.2f} s over {len(starts)} starts")
 
     with tempfile.TemporaryDirectory() as d:
-        s = Server(d, TOKEN, **env).start()
+        s = Server(d, TOKEN, workers=None, **env).start()
         try:
             with httpx.Client(base_url=s.url, timeout=30) as c:
                 lat, paths = [], {"memory": 0, "network": 0}
