@@ -55,7 +55,7 @@ def main() -> None:
     model = {"fashion-mnist": "fashion-mnist", "cifar10": "cifar10"}[args.dataset]
     files = test_files(args.dataset)
     with tempfile.TemporaryDirectory() as d:
-        s = Server(Path(d), MODEL_NAME=model).start()  # default settings otherwise
+        s = Server(Path(d), workers=None, MODEL_NAME=model).start()  # serve's default settings
         right = memory = 0
         with httpx.Client(base_url=s.url, timeout=120) as c:
             for i in range(0, len(files), CHUNK):

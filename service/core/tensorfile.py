@@ -68,7 +68,7 @@ def write_streaming(path: str | Path, layout: dict[str, tuple[torch.dtype, tuple
             sha.update(chunk)
         written = {name: 0 for name in layout}
         for name, piece in pieces:
-            data = memoryview(_bytes_of(piece.detach().contiguous()))
+            data = memoryview(tensor_bytes(piece.detach().contiguous()))
             f.write(data)
             sha.update(data)
             written[name] += len(data)
@@ -79,7 +79,7 @@ def write_streaming(path: str | Path, layout: dict[str, tuple[torch.dtype, tuple
     return sha.hexdigest()
 
 
-def _bytes_of(t: torch.Tensor):
+def tensor_bytes(t: torch.Tensor):
     """A contiguous tensor's storage as a writable uint8 numpy array (any dtype, bf16 included)."""
     return t.reshape(-1).view(torch.uint8).numpy()
 
@@ -134,7 +134,7 @@ def read_into(path: str | Path, targets: dict[str, torch.Tensor], prefix: str = 
         plan.append((start + begin, t))
     with open(path, "rb") as f:
         for offset, t in plan:
-            view = memoryview(_bytes_of(t.detach()))
+            view = memoryview(tensor_bytes(t.detach()))
             f.seek(offset)
             done = 0
             while done < len(view):

@@ -40,6 +40,7 @@ from ..core.model import Prediction
 from ..core.preprocess import ImageError, ImageLimits, decode_image
 from ..core.routing import RoutingPolicy
 from ..core.store import LoadedModel, load_model
+from ..core.tensorfile import tensor_bytes
 from .feedback_store import AppendResult, Event, FeedbackStore, FeedbackStoreError, StoreUnavailable, Upload, open_store
 from .snapshots import SnapshotError, SnapshotStore
 from .vocabulary import ClassVocabulary, LabelError
@@ -442,13 +443,12 @@ class ModelRuntime:
             return h.hexdigest()
         _, classes, _, pieces = self._consistent_state()
         with closing(pieces):
-            names = []
+            last = None
             for name, piece in pieces:
-                if not names or names[-1] != name:
-                    names.append(name)
-                    if name != "slot_feedback":
-                        h.update(name.encode())
-                h.update(piece.contiguous().numpy().tobytes())
+                if name != last and name != "slot_feedback":  # each tensor's name once, before its bytes
+                    h.update(name.encode())
+                last = name
+                h.update(tensor_bytes(piece.contiguous()))  # a view: no copy of the piece
         h.update(json.dumps(classes).encode())
         with self.lock:
             if self._change_key() == key:
