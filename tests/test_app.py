@@ -314,9 +314,17 @@ def test_a_request_over_the_pixel_budget_is_refused_before_decoding(make_client)
 
 
 @pytest.mark.parametrize("path", ["/feedback?before=48894443152177142559065690550621437952",
+                                  "/feedback?before=9223372036854775808",  # 2**63: one past the largest
+                                  "/feedback/9223372036854775808/image",
                                   "/feedback/48894443152177142559065690550621437952/image"])
 def test_feedback_ids_beyond_64_bits_are_refused_not_looked_up(client, path):
     r = client.get(path, headers=AUTH)
     assert r.status_code == 422 and r.json()["error"] == "invalid_request"
     r = client.delete("/feedback/48894443152177142559065690550621437952", headers=AUTH)
     assert r.status_code == 422
+
+
+def test_the_largest_64_bit_feedback_id_is_looked_up(client):
+    r = client.get("/feedback?before=9223372036854775807", headers=AUTH)
+    assert r.status_code == 200 and r.json()["items"] == []
+    assert client.get("/feedback/9223372036854775807/image", headers=AUTH).status_code == 404

@@ -109,7 +109,7 @@ async def feedback(request: Request, state: AppState = Depends(app_state), rt: M
 
 @router.get("/feedback", response_model=FeedbackList, responses=ERRORS, dependencies=[Depends(require_token)])
 async def list_feedback(rt: ModelRuntime = Depends(runtime), limit: int = Query(50, ge=1, le=500),
-                        before: int | None = Query(None, ge=1, le=MAX_ID + 1)) -> FeedbackList:
+                        before: int | None = Query(None, ge=1, le=MAX_ID)) -> FeedbackList:
     rows = await run_in_threadpool(rt.store.examples, limit, before)
     items = [StoredExample(id=r.seq, label=r.label, time=r.created, forgotten=r.forgotten is not None,
                            request_id=r.request_id) for r in rows]
