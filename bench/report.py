@@ -405,6 +405,47 @@ def shift_table() -> str:
     return "\n".join(rows) if found else "(online-shift not run)"
 
 
+def few_shot_test_table(ds: str) -> str:
+    r = load(f"few-shot-test-{ds}")
+    if r is None:
+        return f"(few-shot-test-{ds} not run)"
+    res = r["results"]
+    rows = [f"Before feedback, old classes: {pct(res['before']['old_accuracy'])}. Service settings (chosen on "
+            f"validation at K = 10): {', '.join(f'{k} {v}' for k, v in res['service_settings'].items())}. "
+            f"{r['config']['draws']} draws per K: mean [min-max].", "",
+            "| K | method | new-class recall | old-class accuracy (change) | mean(old, new) | service ahead by |",
+            "|---|---|---|---|---|---|"]
+    for k in r["config"]["ks"]:
+        ts = [t for t in res["table"] if t["k"] == k]
+        best_baseline = max(t["mean_old_new"] for t in ts if t["method"] != "service")
+        for t in ts:
+            me = t["method"] == "service"
+            b = "**" if me else ""
+            ahead = f"{100 * (t['mean_old_new'] - best_baseline):+.1f} points" if me else ""
+            rows.append(f"| {k} | {b}{t['method']}{b} | {pct(t['new_recall'])} [{pct(t['new_recall_min'])}-"
+                        f"{pct(t['new_recall_max'])}] | {pct(t['old_accuracy'])} ({t['old_change_points']:+.1f}) | "
+                        f"{b}{pct(t['mean_old_new'])}{b} [{pct(t['mean_old_new_min'])}-{pct(t['mean_old_new_max'])}] "
+                        f"| {ahead} |")
+    return "\n".join(rows)
+
+
+def few_shot_choose_table(ds: str) -> str:
+    r = load(f"few-shot-choose-{ds}")
+    if r is None:
+        return f"(few-shot-choose-{ds} not run)"
+    res = r["results"]
+    rows = ["| method | K | chosen setting | validation mean(old, new) | old | new |", "|---|---|---|---|---|---|"]
+    s = res["service"]
+    rows.append(f"| service | 10 (used for every K) | {', '.join(f'{k} {v}' for k, v in s['chosen'].items())} | "
+                f"{pct(s['best']['mean_old_new'])} | {pct(s['best']['old_accuracy'])} | {pct(s['best']['new_recall'])} |")
+    for name, per_k in res["baselines"].items():
+        for k, b in per_k.items():
+            rows.append(f"| {name} | {k} | {', '.join(f'{a} {v}' for a, v in b['chosen'].items())} | "
+                        f"{pct(b['best']['mean_old_new'])} | {pct(b['best']['old_accuracy'])} | "
+                        f"{pct(b['best']['new_recall'])} |")
+    return "\n".join(rows)
+
+
 def update_file(path: Path, sections: dict) -> None:
     """Replace the text between `<!-- begin:NAME -->` and `<!-- end:NAME -->` markers."""
     text = path.read_text()
@@ -433,7 +474,10 @@ if __name__ == "__main__":
                 "online-fashion-mnist": lambda: online_table("fashion-mnist"),
                 "online-cifar10": lambda: online_table("cifar10"), "online-ablation": online_ablation_table,
                 "shift": shift_table, "policy-grid-fashion-mnist": lambda: policy_grid_table("fashion-mnist"),
-                "policy-grid-cifar10": lambda: policy_grid_table("cifar10"), "served-accuracy": served_accuracy_table}
+                "policy-grid-cifar10": lambda: policy_grid_table("cifar10"), "served-accuracy": served_accuracy_table,
+                **{f"few-shot-{ds}": (lambda ds=ds: few_shot_test_table(ds)) for ds in ("fashion-mnist", "cifar10")},
+                **{f"few-shot-choose-{ds}": (lambda ds=ds: few_shot_choose_table(ds))
+                   for ds in ("fashion-mnist", "cifar10")}}
     if sys.argv[1:2] == ["--update"]:
         for f in sys.argv[2:]:
             update_file(Path(f), sections)

@@ -79,6 +79,20 @@ def main(argv: list[str] | None = None) -> int:
                               "store URL (postgresql://... or sqlite:///path/feedback.db); class names included")
     p_train.set_defaults(func=train)
 
+    p_retrofit = sub.add_parser("retrofit", help="give a model trained before online learning's pieces existed "
+                                                 "its replay features and taught-row settings; saves a new version")
+    p_retrofit.add_argument("--store", default="model_store", help="model store folder (default: model_store)")
+    p_retrofit.add_argument("--name", required=True, help="model name in the store")
+    p_retrofit.add_argument("--replay-per-class", type=int, default=100,
+                            help="training images per class whose features the model keeps (default: 100)")
+    p_retrofit.add_argument("--data-dir", default=None, help="where the data set is (as for train)")
+    for f in ("taught_rows", "taught_bias", "taught_l2"):  # the rest of the policy stays as training chose it
+        flag = "--" + f.replace("_", "-")
+        kind = dict(action=argparse.BooleanOptionalAction) if f == "taught_rows" else dict(type=float)
+        p_retrofit.add_argument(flag, dest=f, default=None, help=f"{field_docs(RoutingPolicy)[f]} (default: keep)",
+                                **kind)
+    p_retrofit.set_defaults(func=retrofit)
+
     add_serve_parser(sub)
 
     p_fb = sub.add_parser("feedback", help="the feedback store: export what users taught")
@@ -116,6 +130,21 @@ def train(ns: argparse.Namespace) -> int:
     except (ValueError, DatasetMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def retrofit(ns: argparse.Namespace) -> int:
+    from .core.data import DatasetMissing
+    from .core.store import ModelStoreError
+    from .core.train import retrofit_model
+
+    policy = {f: getattr(ns, f) for f in ("taught_rows", "taught_bias", "taught_l2")}
+    try:
+        d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy)
+    except (ValueError, DatasetMissing, ModelStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"saved {d}")
     return 0
 
 

@@ -36,6 +36,11 @@ def save_tiny_model(store, name="tiny", memory="cached", memory_classes=6, prefi
     if model.memory is not None and prefill:
         with torch.no_grad():
             model.memory.update(model.embed(torch.randn(prefill, 1, 28, 28))[0], torch.arange(prefill) % 4)
+    if model.taught is not None:  # replay features as training leaves them: every class, eval mode
+        n = model.taught.replay_labels.numel()
+        with torch.no_grad():
+            model.taught.replay_features.copy_(model.embed(torch.randn(n, 1, 28, 28))[0])
+        model.taught.replay_labels.copy_(torch.arange(n) % 4)
     save_model(store, name, model, CLASSES, InputSpec(28, 1, [0.5], [0.5]))
     return model
 

@@ -153,3 +153,25 @@ def test_cifar10_binary_batches_are_read_without_pickle(tmp_path):
     assert ds.classes[9] == "truck"
     with pytest.raises(FileNotFoundError, match="--download"):
         load_cifar10(str(tmp_path / "empty"))
+
+
+def test_training_keeps_replay_features_and_retrofit_gives_an_older_model_the_same(tmp_path):
+    from service.core.train import retrofit_model
+
+    ds = synthetic()
+    kw = dict(store=str(tmp_path), epochs=1, batch_size=32, progress=False, precision="fp32", flip=False,
+              augment_pad=0, lr=0.1, validation_size=64)
+    run_training(TrainConfig(name="new", **kw), ClassifierConfig(memory="cached", memory_size=64, replay_per_class=8),
+                 ds=ds)
+    run_training(TrainConfig(name="old", **kw), ClassifierConfig(memory="cached", memory_size=64, replay_per_class=0),
+                 ds=ds)
+    new, old = load_model(tmp_path, "new"), load_model(tmp_path, "old")
+    assert old.model.taught is None
+    assert new.model.taught.replay_labels.tolist() == [c for c in range(4) for _ in range(8)]
+    retrofit_model(tmp_path, "old", 8, policy={"taught_bias": 1.5}, ds=ds)
+    fitted = load_model(tmp_path, "old")
+    assert fitted.policy.taught_bias == 1.5 and fitted.version != old.version
+    assert fitted.manifest["metrics"] == old.manifest["metrics"] and fitted.manifest["data"] == old.manifest["data"]
+    # same seed, same split, same weights (both runs trained alike): the replay training would have kept
+    assert torch.allclose(fitted.model.taught.replay_features, new.model.taught.replay_features, atol=1e-5)
+    assert torch.equal(fitted.model.taught.replay_labels, new.model.taught.replay_labels)

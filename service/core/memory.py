@@ -103,6 +103,10 @@ class Memory(nn.Module):
         self.register_buffer("labels", torch.full((M,), EMPTY, dtype=torch.int64))
         # write counter at the time each slot was written: ties in replacement go to the oldest
         self.register_buffer("written_at", torch.zeros(M, dtype=torch.int64))
+        # L2 norm of the feature each slot was written from (keys are stored unit-length):
+        # key * norm gives back the head's input, which the taught head rows are fitted on.
+        # 0 = unknown (memories saved before the norm was kept: see OPTIONAL_STATE)
+        self.register_buffer("norms", torch.zeros(M))
         self.register_buffer("writes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("replacements", torch.zeros((), dtype=torch.int64))
         # items per class, kept by every write: derived from `labels` (recounted on load, not
@@ -111,6 +115,9 @@ class Memory(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: module._recount())
         self.index: IVFIndex | None = None  # optional approximate search; derived, never saved
         self._copy_on_write: list[CopyOnWrite] = []  # readers of a consistent state in progress
+
+    # state_dict entries a memory saved by an earlier version may lack (left at their default)
+    OPTIONAL_STATE = frozenset({"norms"})
 
     # --- what subclasses provide -------------------------------------------------------
     keys: torch.Tensor  # (M, D): a buffer (cached, stored unit-length) or a parameter (trainable)
@@ -235,6 +242,12 @@ class Memory(nn.Module):
         scale = None if self.keys_are_unit else self.keys.detach().norm(dim=-1).clamp_min(1e-12).reciprocal()
         return exact_topk(q, self.keys.detach(), k, None if self.size == self.capacity else self.filled(), scale)
 
+    def features_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """(N,) slots -> (N, D) the features they were written from: unit key * norm (zero
+        rows where the norm is unknown)."""
+        keys = F.normalize(self.keys.detach()[slots], dim=-1)
+        return keys * self.norms[slots].unsqueeze(-1)
+
     @torch.no_grad()
     def attach_index(self, nlist: int | None = None, nprobe: int = 16) -> IVFIndex:
         """Search through a faiss IVF index from now on, kept in step with every write.
@@ -350,6 +363,7 @@ class Memory(nn.Module):
         self._save_before_write(slots)
         self._count_change(slots, labels)
         self._write(slots, keys, labels)
+        self.norms[slots] = features.norm(dim=-1)
         if self.index is not None:
             self.index.update(slots, keys)
         self.labels[slots] = labels

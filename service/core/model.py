@@ -24,6 +24,7 @@ import torch.nn as nn
 from .backbones import create_backbone
 from .memory import MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
 from .routing import EMPTY, RoutingPolicy, route
+from .taught import TAUGHT_PER_LABEL, TaughtHead
 
 MEMORY_KINDS = ("none", *MEMORIES)
 
@@ -54,6 +55,8 @@ class ClassifierConfig:
     """Backbone stage the memory reads: final (the pooled features) or stage1, stage2, ... (early exit)."""
     exit_dim: int = 128
     """Key size of the projection trained at an early exit (unused with exit_stage final)."""
+    replay_per_class: int = 100
+    """Training images per class whose features the model keeps to fit taught head rows on (0: none; exit final only)."""
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_KINDS:
@@ -70,6 +73,8 @@ class ClassifierConfig:
             raise ValueError("--exit-stage needs a memory (--memory cached or trainable)")
         if self.exit_dim < 1:
             raise ValueError(f"--exit-dim must be >= 1, got {self.exit_dim}")
+        if self.replay_per_class < 0:
+            raise ValueError(f"--replay-per-class must be >= 0, got {self.replay_per_class}")
 
     @property
     def exit_index(self) -> int | None:
@@ -151,6 +156,10 @@ class EnhancedClassifier(nn.Module):
         if config.memory != "none":
             mc = config.memory_config(key_dim)
             self.memory = create_memory(config.memory, **asdict(mc))
+        # taught head rows read the head's input: only where the memory keys are those features
+        self.taught: TaughtHead | None = None
+        if config.replay_per_class and self.exit_index is None and self.memory is not None:
+            self.taught = TaughtHead(self.feature_dim, config.replay_per_class * config.num_classes)
 
     def for_inference(self) -> "EnhancedClassifier":
         """Eval mode with the convolutions' weights in channels-last layout, which oneDNN runs
@@ -219,21 +228,50 @@ class EnhancedClassifier(nn.Module):
                          class_scores=torch.zeros(B, self.config.memory_classes))
 
     @torch.no_grad()
+    def fit_taught(self, slots: torch.Tensor, policy: RoutingPolicy | None = None) -> None:
+        """Refit the taught head rows on the memory items in `slots` (the taught examples;
+        the service passes the slots that hold feedback). See service/core/taught.py."""
+        if self.taught is None or self.memory is None:
+            return
+        policy = self.policy if policy is None else policy
+        slots = slots if policy.taught_rows else slots[:0]
+        # the newest TAUGHT_PER_LABEL examples of each label: the fit's cost stays bounded
+        slots = slots[torch.argsort(self.memory.written_at[slots], descending=True, stable=True)]
+        labels = self.memory.labels[slots]
+        rank = torch.zeros_like(labels)
+        for y in labels.unique():
+            mine = labels == y
+            rank[mine] = torch.arange(int(mine.sum()))
+        slots = slots[rank < TAUGHT_PER_LABEL]
+        self.taught.fit(self.head, self.memory.features_of(slots), self.memory.labels[slots], policy.taught_l2)
+
+    @torch.no_grad()
     def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy) -> Prediction:
-        """Memory answer where `route` says so; the rest of the network (one batched call) for the others."""
-        B, C = r.labels.shape[0], self.config.memory_classes
+        """Memory answer where `route` says so; the rest of the network (one batched call) for
+        the others. With taught rows the head is extended by them (see routing)."""
+        B, C, H = r.labels.shape[0], self.config.memory_classes, self.config.num_classes
         t2 = time.perf_counter()
-        used_memory = route(r.labels, r.confidence, policy, self.config.num_classes)  # (B,)
+        used_memory = route(r.labels, r.confidence, policy, H)  # (B,)
         probs = torch.zeros(B, C)
-        net = (~used_memory).nonzero().squeeze(1)
-        if net.numel():
-            head_logits = self.network_logits(hidden[net]).float()  # (N, num_classes)
-            probs[net, : self.config.num_classes] = torch.softmax(head_logits, -1)
+        taught = torch.zeros(B, dtype=torch.bool)
+        rows = self.taught.rows if policy.taught_rows and self.taught is not None else None  # read once
+        if rows is not None and rows.labels.numel():  # exit final: `hidden` are the head's input features
+            logits = torch.cat([self.head(hidden).float(), rows.logits(hidden) + policy.taught_bias], 1)
+            taught = logits.argmax(-1) >= H  # (B,) a taught row outscores every trained row
+            to_label = torch.cat([torch.arange(H), rows.labels])  # (H + T,) the label of each row
+            probs.index_add_(1, to_label, torch.softmax(logits, -1))  # (B, C) a label's rows summed
+            used_memory = used_memory & ~taught
+        else:
+            net = (~used_memory).nonzero().squeeze(1)
+            if net.numel():
+                head_logits = self.network_logits(hidden[net]).float()  # (N, num_classes)
+                probs[net, :H] = torch.softmax(head_logits, -1)
         t3 = time.perf_counter()
         head_conf, head_labels = probs.max(-1)  # (B,)
         labels = torch.where(used_memory, r.labels, head_labels)
         confidence = torch.where(used_memory, r.confidence, head_conf)
         scores = torch.where(used_memory.unsqueeze(-1), r.class_scores, probs)
+        used_memory = used_memory | taught  # answers of taught rows count as the memory path
         nearest_slot = r.slots[:, 0]
         similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], torch.zeros(B))
         timings = {"features": 0.0, "memory": 0.0, "head": 1e3 * (t3 - t2)}

@@ -9,6 +9,10 @@ a setting overrides it explicitly (shown in `/memory` and the `model_info` metri
                       and confidence >= threshold for its label
     threshold for a label = new_class_threshold if the head lacks that class (taught by
                             feedback) and new_class_threshold is set, else confidence_threshold
+
+Before that rule, taught head rows (service/core/taught.py; `taught_rows`): where a row
+fitted on the taught examples outscores every trained row of the head (its logit plus
+`taught_bias`), its label answers, on the memory path.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ class RoutingPolicy:
     """Each neighbour's vote x (mean items per held class / items of its class) ** this (0 = plain vote)."""
     neighbours: int = 5
     """Memory items that vote on each answer."""
+    taught_rows: bool = True
+    """Fit a head row per taught label on the taught examples (needs the model's replay features)."""
+    taught_bias: float = 0.0
+    """Added to the taught rows' logits: higher answers taught labels more often."""
+    taught_l2: float = 1e-3
+    """L2 penalty on the taught rows' weights when they are fitted."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence_threshold <= 1.0:
@@ -41,6 +51,8 @@ class RoutingPolicy:
             raise ValueError(f"--class-balance must be >= 0, got {self.class_balance}")
         if self.neighbours < 1:
             raise ValueError(f"--neighbours must be >= 1, got {self.neighbours}")
+        if self.taught_l2 < 0:
+            raise ValueError(f"--taught-l2 must be >= 0, got {self.taught_l2}")
 
     def replace(self, **changes) -> "RoutingPolicy":
         """A copy with these fields changed (None values are ignored: 'no override')."""

@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 
 from .model import ClassifierConfig, EnhancedClassifier
 from .files import atomic_write, sha256_file
-from .tensorfile import TensorFileError, read_into
+from .tensorfile import TensorFileError, read_header, read_into
 from .routing import RoutingPolicy
 
 FORMAT_VERSION = 2  # 2: the routing policy has its own section (1 kept it in the classifier's)
@@ -162,7 +162,8 @@ def load_model(store: str | Path, name: str) -> LoadedModel:
     d = model_dir(store, name)
     manifest = read_manifest(d)
     try:
-        config = ClassifierConfig(**manifest["classifier"])
+        # models saved before the replay features existed have none
+        config = ClassifierConfig(**{"replay_per_class": 0, **manifest["classifier"]})
         input_spec = InputSpec(**manifest["input"])
         policy = RoutingPolicy.from_dict(manifest["routing"])
     except (TypeError, ValueError) as e:
@@ -179,8 +180,14 @@ def load_model(store: str | Path, name: str) -> LoadedModel:
         stem = next((p for p in parts if fname.startswith(p)), None)
         if not fname.endswith(".safetensors") or stem is None:
             continue
+        path = checked_artifact(d, manifest, fname)
+        targets = parts[stem]
         try:
-            read_into(checked_artifact(d, manifest, fname), parts[stem])
+            if stem == "memory-" and model.memory is not None:
+                # a model saved before an optional memory entry existed keeps its default
+                held = set(read_header(path)[0])
+                targets = {k: v for k, v in targets.items() if k in held or k not in model.memory.OPTIONAL_STATE}
+            read_into(path, targets)
         except TensorFileError as e:
             raise ModelStoreError(f"artifacts do not match the manifest's classifier: {e}") from e
         found.add(stem)

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,60 @@ def make_optimizer(model: EnhancedClassifier, tc: TrainConfig, total_steps: int)
     return opt, sched
 
 
+@torch.no_grad()
+def fill_replay(model: EnhancedClassifier, images: torch.Tensor, labels: torch.Tensor, mean, std, seed: int) -> None:
+    """The model's replay features (what taught head rows are fitted against): eval-mode
+    features of `replay_per_class` seeded training images of every class."""
+    if model.taught is None:
+        return
+    n = model.config.replay_per_class
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(model.config.num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        if len(idx) < n:
+            raise ValueError(f"--replay-per-class {n}: class {c} has only {len(idx)} training images")
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    pick = torch.cat(picks)
+    was_training = model.training
+    model.eval()
+    feats = torch.cat([model.embed(normalize(images[b], mean, std).contiguous(memory_format=torch.channels_last))[1]
+                       for b in pick.split(500)])
+    model.train(was_training)
+    model.taught.replay_features.copy_(feats.float())
+    model.taught.replay_labels.copy_(labels[pick])
+
+
+def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None,
+                   policy: dict | None = None, ds: Dataset | None = None) -> Path:
+    """Give a model trained before training kept them its replay features (the same seeded
+    pick from the same training split, rebuilt from the manifest) and, where given, the
+    taught-row policy settings; saved as a new version, its reports and other settings kept."""
+    from .store import load_model, model_dir
+
+    loaded = load_model(store, name)
+    record, manifest = loaded.manifest.get("data") or {}, loaded.manifest
+    if "validation_size" not in record or "dataset" not in record:
+        raise ValueError(f"{name}: the manifest does not record its training split (data.dataset, validation_size)")
+    ds = load_dataset(record["dataset"], data_dir) if ds is None else ds
+    if record.get("exclude_classes"):
+        ds = keep_classes(ds, record["exclude_classes"])
+    train, _, _ = carve_validation(ds.train, record["validation_size"], record["validation_seed"])
+    config = ClassifierConfig(**{**loaded.model.config.to_dict(), "replay_per_class": per_class})
+    model = EnhancedClassifier(config)
+    state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("taught.")}  # replaced
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("taught.") for k in missing):
+        raise ValueError(f"{name}: state does not fit the model with replay ({missing[:3]}, {unexpected[:3]})")
+    model.policy = loaded.model.policy.replace(**(policy or {}))
+    # training seeds the pick with its seed, which is also the validation split's
+    fill_replay(model, train.images, train.labels, loaded.input.mean, loaded.input.std, record["validation_seed"])
+    d = model_dir(store, name)
+    reports = {f: (d / f).read_bytes() for f in manifest["artifacts"] if not f.endswith(".safetensors")}
+    return save_model(store, name, model, loaded.classes, loaded.input, metrics=manifest.get("metrics"),
+                      reports=reports, splits=record)
+
+
 def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | None = None,
                  ds: Dataset | None = None, save: bool = True, taught: tuple[torch.Tensor, list[str]] | None = None
                  ) -> dict:
@@ -299,6 +354,10 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
     pad = tc.augment_pad if tc.augment_pad is not None else (0 if ds.image_size <= 28 else 4)
     bf16 = tc.use_bf16()
 
+    fewest = int(torch.bincount(train_y, minlength=len(ds.classes)).min())
+    if cc.replay_per_class > fewest:  # the replay is the same size for every class
+        print(f"replay_per_class {cc.replay_per_class} -> {fewest}: the rarest class has {fewest} training images")
+        cc.replay_per_class = fewest
     model = build_model(tc, cc, ds).to(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(train_x) / tc.batch_size)
     opt, sched = make_optimizer(model, tc, tc.epochs * steps_per_epoch)
@@ -346,6 +405,7 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
         history.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
+    fill_replay(model, train_x, train_y, mean, std, tc.seed)
     sweep = threshold_sweep(collect_predictions(model, eval_x, mean, std, policy), eval_y, policy, cc.num_classes)
     if tc.choose_threshold:
         policy = policy.replace(confidence_threshold=choose_threshold(sweep))

@@ -76,6 +76,7 @@ class RuntimeStats:
     last_snapshot_time: float | None = None
     last_snapshot_seq: int = 0
     restored_from_seq: int = 0
+    taught_fit_ms: float = 0.0  # the last fit of the taught head rows
 
 
 @dataclass
@@ -115,6 +116,7 @@ class ModelRuntime:
         self._tail_stop = threading.Event()
         self._tail: threading.Thread | None = None
         self._dirty = False
+        self._taught_stale = True  # fitted once the log is applied (even with no feedback: no rows)
         self._hash_cache: tuple[tuple, str] | None = None
         self.snapshots = SnapshotStore(Path(state_dir) / self.loaded.name / self.version)
         self.store: FeedbackStore | None = None
@@ -249,10 +251,21 @@ class ModelRuntime:
                     last_log = time.perf_counter()
                     log.info("applying the feedback log for model version %s: seq %d of %d (%.0f s)",
                              self.version, self.applied_seq, total, last_log - started)
+            if self._taught_stale:
+                self._refit_taught()
             if progress and total:
                 log.info("feedback log applied up to seq %d in %.1f s (%d examples re-embedded)",
                          self.applied_seq, time.perf_counter() - started, self.stats.reembedded)
             return self.applied_seq
+
+    def _refit_taught(self) -> None:
+        """Refit the taught head rows on the examples the memory now holds (core/taught.py):
+        once per sync, so a request's writes and a long log's replay each cost one fit."""
+        with self.lock:
+            t = time.perf_counter()
+            self.model.fit_taught((self.slot_feedback != EMPTY).nonzero().squeeze(1), self.policy)
+            self._taught_stale = False
+            self.stats.taught_fit_ms = 1e3 * (time.perf_counter() - t)
 
     def _reembed(self, events: list[Event]) -> None:
         """Embed examples this model version has no vector for, from their stored images."""
@@ -317,7 +330,7 @@ class ModelRuntime:
                                                self.vocab.names[index], index))
             self.applied_seq = events[-1].seq
             self.stats.feedback_applied += len(events)
-            self._dirty = True
+            self._dirty = self._taught_stale = True
 
     def _apply_forget(self, e: Event) -> None:
         with self.lock:
@@ -327,7 +340,7 @@ class ModelRuntime:
             self.outcomes.pop(e.target, None)
             self.applied_seq = e.seq
             self.stats.forgotten_applied += 1
-            self._dirty = True
+            self._dirty = self._taught_stale = True
 
     def _remember(self, o: FeedbackOutcome) -> None:
         self.outcomes[o.feedback_id] = o
@@ -415,6 +428,7 @@ class ModelRuntime:
         self.stats.last_snapshot_time = time.time()
         self.stats.last_snapshot_seq = seq
         self._dirty = False
+        self._taught_stale = True  # fitted once the log is applied (even with no feedback: no rows)
         return sidecar
 
     @property
@@ -470,6 +484,10 @@ class ModelRuntime:
                 "per_class": {self.vocab.name(i): c for i, c in enumerate(counts) if c},
                 "replacements": int(self.memory.replacements),
                 "feedback_items": int((self.slot_feedback != EMPTY).sum()),
+                # labels with a taught head row (none without replay features or with taught_rows off)
+                "taught_rows": [self.vocab.name(int(i)) for i in self.model.taught.rows.labels]
+                if self.model.taught is not None else [],
+                "taught_fit_ms": round(self.stats.taught_fit_ms, 2),
                 "classes": list(self.vocab.names),
                 "label_space": self.vocab.capacity,
                 "last_snapshot_time": self.stats.last_snapshot_time,

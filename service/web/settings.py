@@ -37,6 +37,9 @@ class ServiceConfig(BaseSettings):
     class_balance: float | None = Field(None, ge=0, description="override the class-balance exponent of the "
                                         "memory's vote (0 = plain vote)")
     neighbours: int | None = Field(None, ge=1, description="override the number of memory items that vote")
+    taught_rows: bool | None = Field(None, description="override whether taught labels get a fitted head row")
+    taught_bias: float | None = Field(None, description="override the bias added to taught rows' logits")
+    taught_l2: float | None = Field(None, ge=0, description="override the L2 penalty of the taught rows' fit")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height (413 above)")
     max_files: int = Field(64, ge=1, description="most images in one request")
@@ -70,4 +73,5 @@ class ServiceConfig(BaseSettings):
     def policy_overrides(self) -> dict:
         """The routing-policy fields set explicitly (the rest come from the model's manifest)."""
         return {k: getattr(self, k) for k in ("confidence_threshold", "new_class_threshold", "class_balance",
-                                             "neighbours") if getattr(self, k) is not None}
+                                             "neighbours", "taught_rows", "taught_bias", "taught_l2")
+                if getattr(self, k) is not None}
