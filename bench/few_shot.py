@@ -46,16 +46,17 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, header, write_record  # noqa: E402
-from bench.online_learning import SETTINGS, Served, png, scores  # noqa: E402
-from service.core.data import carve_validation, keep_classes, load_dataset, normalize, validation_of  # noqa: E402
+from bench.online_learning import (SETTINGS, Served, png, embed_all, predictions_after_teaching,
+                                   scores)  # noqa: E402
+from service.core.data import carve_validation, keep_classes, load_dataset, validation_of  # noqa: E402
 from service.core.routing import RoutingPolicy  # noqa: E402
 from service.core.store import load_model  # noqa: E402
 
 NEW_VALIDATION = 500  # validation images per held-out class, never drawn as shots
 REPLAY = 20  # training images per old class the replay baselines keep
 CHOOSE_SEED, TEST_SEED = 100, 0  # draws of the shots: choose and test never share one
-SERVICE_GRID = {"taught_bias": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], "taught_l2": [3e-4, 1e-3, 3e-3, 1e-2],
-                "new_class_threshold": [None, 0.5, 0.9]}
+SERVICE_GRID = {"taught_bias": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0], "taught_l2": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+                "new_class_threshold": [None, 0.3, 0.5]}
 LOGREG_GRID = {"old": ["means", "replay"], "features": ["raw", "unit"], "l2": [0.0, 1e-5, 1e-4, 1e-3, 1e-2]}
 FINETUNE_GRID = {"lr": [0.01, 0.03, 0.1], "steps": [50, 100, 200]}
 
@@ -80,10 +81,8 @@ def prepare(args) -> dict:
     model = loaded.model.for_inference()
     mean, std = loaded.input.mean, loaded.input.std
     if not cache.exists():
-        @torch.no_grad()
         def feats(images):
-            return torch.cat([model.embed(normalize(images[i:i + 500], mean, std))[0].float()
-                              for i in range(0, len(images), 500)])
+            return embed_all(model, images, mean, std)
         print(f"embedding {len(train.labels)} training, {len(old_val.labels)} + {2 * NEW_VALIDATION} validation, "
               f"{len(ds.test.labels)} test images", flush=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -126,29 +125,9 @@ def shots_xy(d: dict, picks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 def service_predictions(d: dict, picks: list[torch.Tensor], x: torch.Tensor, policies: list[RoutingPolicy]
                         ) -> list[torch.Tensor]:
     """Teach the shots (one request per class, as the runtime does), fit the taught rows,
-    then predict `x` (features) under each policy; the memory is restored afterwards."""
-    model, memory = d["model"], d["model"].memory
-    saved = {k: v.clone() for k, v in memory.state_dict().items()}
-    try:
-        taught = torch.zeros(memory.capacity, dtype=torch.bool)
-        for j, p in enumerate(picks):
-            rep = memory.teach(d["pools"][j][p], torch.full((len(p),), d["C"] + j), protected=taught.clone())
-            taught[rep.slot[rep.slot >= 0]] = True
-        # the memory's vote depends on neighbours and class balance only: read once for every policy
-        assert len({(p.neighbours, p.class_balance) for p in policies}) == 1
-        chunks = [(b, model.retrieve(b, policies[0])) for b in x.split(2000)]
-        out, fitted = [], {}
-        for policy in policies:
-            key = (policy.taught_l2, policy.taught_rows)
-            if key not in fitted:
-                model.fit_taught(taught.nonzero().squeeze(1), policy)
-                fitted[key] = model.taught.rows
-            model.taught.rows = fitted[key]
-            out.append(torch.cat([model.finish(r, b, policy).labels for b, r in chunks]))
-        return out
-    finally:
-        memory.load_state_dict(saved)
-        model.fit_taught(torch.zeros(0, dtype=torch.int64))
+    then predict `x` (features) under each policy."""
+    lessons = [(d["pools"][j][p], d["C"] + j) for j, p in enumerate(picks)]
+    return [preds[0] for preds in predictions_after_teaching(d["model"], lessons, [x], policies)]
 
 
 # --- baselines: each a function (shots, seed, setting) -> predict(features) ------------------------

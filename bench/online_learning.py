@@ -1,35 +1,18 @@
-"""Online learning through /feedback, measured through the service's own HTTP API.
+"""Corrections under a shift, measured through the service's own HTTP API.
 
-new-classes: a model trained without two classes (bench/train_models.sh fashion-mnist-8,
-  cifar10-8) is served; K labelled training images of each held-out class are posted to
-  /feedback; the whole test set then goes through /predict. Baselines on the same shots,
-  in-process on the same trained network:
-    finetune         head (grown to the new classes) + last backbone stage fine-tuned on the shots
-    finetune-replay  the same plus replay of as many old-class training images as shots
-    ncm              nearest class mean of backbone features (old classes: all their training
-                     images; new classes: the shots)
 shift: the served 10-class model meets rotated (90 degrees) images; K rotated training
   images per class are posted as feedback; accuracy on rotated and clean test images
-  (never the posted ones: those are training images) before and after.
+  (never the posted ones: those are training images) before and after. Each setting is
+  repeated over --seeds draws of the shots; tables report the mean.
 
-policy-grid: chooses the routing policy's online-learning settings (class balance,
-  new-class threshold) on validation data only: old classes are the 8-class model's own
-  validation split (training images its training held out, rebuilt from the manifest); the
-  new classes' shots and their validation images are disjoint draws from the held-out
-  classes' training images. Runs the served runtime in-process (same code path as the
-  service: ModelRuntime.feedback and .predict); the test set is not read.
+New classes from a few examples: bench/few_shot.py (this module's helpers serve both).
 
-Each setting is repeated over --seeds draws of the shots; tables report the mean.
-
-    .venv/bin/python bench/online_learning.py policy-grid --dataset fashion-mnist
-    .venv/bin/python bench/online_learning.py new-classes --dataset fashion-mnist [--ks 1 5 10 50]
     .venv/bin/python bench/online_learning.py shift --dataset fashion-mnist [--ks 10 50]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import statistics
 import sys
@@ -39,15 +22,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import header, write_record  # noqa: E402
-from service.core.data import Dataset, load_dataset, normalize, validation_of  # noqa: E402
-from service.serving.feedback_store import Upload  # noqa: E402
-from service.serving.runtime import ModelRuntime  # noqa: E402
+from service.core.data import Dataset, carve_validation, load_dataset, normalize  # noqa: E402
 from service.core.routing import RoutingPolicy  # noqa: E402
 from service.core.store import load_model  # noqa: E402
 from bench.live import Server  # noqa: E402
@@ -116,124 +96,93 @@ def pick_shots(ds: Dataset, class_index: int, k: int, seed: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def features(model, images: torch.Tensor, mean, std, bs: int = 500) -> torch.Tensor:
-    return torch.cat([model.backbone(normalize(images[i:i + bs], mean, std)) for i in range(0, len(images), bs)])
-
-
-def finetune(model, x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 60, lr: float = 0.01):
-    """Grow the head to n_classes, fine-tune it and the last backbone stage (BN statistics
-    frozen) on (x, y) full-batch; returns a function (activations before the last stage) ->
-    predicted class index, so the test set's earlier stages run once for every baseline."""
-    m = copy.deepcopy(model).eval()
-    old = m.head
-    head = torch.nn.Linear(old.in_features, n_classes)
-    with torch.no_grad():
-        head.weight[:old.out_features] = old.weight
-        head.bias[:old.out_features] = old.bias
-    last = m.backbone.stage_list()[-1]
-    params = list(head.parameters()) + list(last.parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    with torch.no_grad():
-        pre = before_last_stage(m, x)
-    for _ in range(steps):
-        loss = F.cross_entropy(head(m.backbone.pool(last(pre))), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    @torch.no_grad()
-    def predict(pre_test: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(m.backbone.pool(last(p))).argmax(-1) for p in pre_test.split(500)])
-    return predict
+def embed_all(model, images: torch.Tensor, mean, std, batch: int = 500) -> torch.Tensor:
+    """uint8 images -> (N, D) features, as the service embeds them."""
+    return torch.cat([model.embed(normalize(images[i:i + batch], mean, std))[0].float()
+                      for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
-def before_last_stage(model, x: torch.Tensor) -> torch.Tensor:
-    out = []
-    for b in x.split(500):
-        for stage in model.backbone.stage_list()[:-1]:
-            b = stage(b)
-        out.append(b)
-    return torch.cat(out)
+def predictions_after_teaching(model, lessons: list[tuple[torch.Tensor, int]], xs: list[torch.Tensor],
+                               policies: list[RoutingPolicy]) -> list[list[torch.Tensor]]:
+    """In-process, the runtime's core calls: teach each lesson ((N, D) features, label: one
+    feedback request), fit the taught rows, then predict every `xs` (features) under each
+    policy. Returns [policy][x] labels; the memory is left as it was."""
+    memory = model.memory
+    saved = {k: v.clone() for k, v in memory.state_dict().items()}
+    try:
+        taught = torch.zeros(memory.capacity, dtype=torch.bool)
+        for feats, label in lessons:
+            rep = memory.teach(feats, torch.full((len(feats),), label), protected=taught.clone())
+            taught[rep.slot[rep.slot >= 0]] = True
+        # the memory's vote depends on neighbours and class balance only: read once for every policy
+        assert len({(p.neighbours, p.class_balance) for p in policies}) == 1
+        reads = [[(b, model.retrieve(b, policies[0])) for b in x.split(2000)] for x in xs]
+        out, fitted = [], {}
+        for policy in policies:
+            key = (policy.taught_l2, policy.taught_rows)
+            if key not in fitted:
+                model.fit_taught(taught.nonzero().squeeze(1), policy)
+                fitted[key] = model.taught.rows
+            model.taught.rows = fitted[key]
+            out.append([torch.cat([model.finish(r, b, policy).labels for b, r in chunks]) for chunks in reads])
+        return out
+    finally:
+        memory.load_state_dict(saved)
+        model.fit_taught(torch.zeros(0, dtype=torch.int64))
 
 
-def new_classes(args, m: dict) -> dict:
-    data_dir, model_name, held_out, _ = SETTINGS[args.dataset]
+ROTATE = {"rot90": lambda x: torch.rot90(x, 1, (2, 3)), "invert": lambda x: 255 - x}
+CORRECTION_GRID = [-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0, 1.0]
+MAX_CLEAN_DROP = 0.005  # the goal: corrections may cost clean images at most half a point
+
+
+def shift_choose(args, m: dict) -> dict:
+    """correction_bias chosen on validation data: the served 10-class model's own validation
+    split, clean and shifted; shots are shifted images of its training split. The largest
+    shifted accuracy whose clean accuracy stays within MAX_CLEAN_DROP of no feedback."""
+    data_dir, _, _, model_name = SETTINGS[args.dataset]
     ds = load_dataset(args.dataset, data_dir)
-    loaded = load_model(args.store, model_name)
-    model, old_names = loaded.model.eval(), list(loaded.classes)
-    mean, std = loaded.input.mean, loaded.input.std
-    names = old_names + held_out  # index space of the baselines
-    test_truth = [ds.classes[int(i)] for i in ds.test.labels]
-    test_x = normalize(ds.test.images, mean, std)
-    print(f"encoding {len(ds.test.images)} test images", flush=True)
-    test_png = [png(im) for im in ds.test.images]
-    held_idx = [ds.classes.index(c) for c in held_out]
-    old_mask = ~torch.isin(ds.train.labels, torch.tensor(held_idx))
-    if args.baselines:
-        old_feats = F.normalize(features(model, ds.train.images[old_mask], mean, std), dim=-1)
-        old_labels = torch.tensor([names.index(ds.classes[int(i)]) for i in ds.train.labels[old_mask]])
-        old_protos = torch.stack([old_feats[old_labels == c].mean(0) for c in range(len(old_names))])
-        test_feats = F.normalize(features(model, ds.test.images, mean, std), dim=-1)
-    test_pre = before_last_stage(model, test_x) if args.baselines else None
-
+    loaded = load_model(ROOT / "model_store", model_name)
+    model, mean, std = loaded.model.for_inference(), loaded.input.mean, loaded.input.std
+    record = loaded.manifest["data"]
+    train, val, _ = carve_validation(ds.train, record["validation_size"], record["validation_seed"])
+    rotate = ROTATE[args.transform]
+    xc, xs = embed_all(model, val.images, mean, std), embed_all(model, rotate(val.images), mean, std)
+    acc = lambda pred: float((pred == val.labels).float().mean())  # noqa: E731
+    base = loaded.policy
+    before = predictions_after_teaching(model, [], [xc, xs], [base])[0]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        s = Served(args.store, model_name, Path(tmp) / "before", **args.env)
-        pred, paths = s.predict(test_png)
-        s.close()
-        before = scores(pred, paths, test_truth, held_out)
-        rows.append({"k": 0, "method": "before feedback", "seed": 0, **before})
-        print(f"before feedback: {before}", flush=True)
-        for k in args.ks:
-            for seed in range(args.seeds):
-                shots = {c: pick_shots(ds, ds.classes.index(c), k, seed) for c in held_out}
-                s = Served(args.store, model_name, Path(tmp) / f"k{k}-s{seed}", **args.env)
-                for c in held_out:
-                    s.feedback([png(ds.train.images[i]) for i in shots[c]], c)
-                pred, paths = s.predict(test_png)
-                s.close()
-                rows.append({"k": k, "method": "memory (this service)", "seed": seed,
-                             **scores(pred, paths, test_truth, held_out)})
-                if not args.baselines:
-                    r = rows[-1]
-                    print(f"K={k:>2} seed {seed} memory: new recall {r['new_recall']:.3f}  old acc "
-                          f"{r['old_accuracy']:.3f}  mean(old,new) {r['mean_old_new']:.3f}", flush=True)
-                    continue
-
-                shot_idx = torch.cat([shots[c] for c in held_out])
-                shot_y = torch.tensor([names.index(c) for c in held_out]).repeat_interleave(k)
-                shot_x = normalize(ds.train.images[shot_idx], mean, std)
-                ft = finetune(model, shot_x, shot_y, len(names))
-                rows.append({"k": k, "method": "finetune", "seed": seed,
-                             **scores([names[i] for i in ft(test_pre)], None, test_truth, held_out)})
-                g = torch.Generator().manual_seed(seed)
-                replay = old_mask.nonzero().squeeze(1)[torch.randperm(int(old_mask.sum()), generator=g)[:len(shot_idx)]]
-                rx = torch.cat([shot_x, normalize(ds.train.images[replay], mean, std)])
-                ry = torch.cat([shot_y, torch.tensor([names.index(ds.classes[int(i)])
-                                                      for i in ds.train.labels[replay]])])
-                ftr = finetune(model, rx, ry, len(names))
-                rows.append({"k": k, "method": "finetune-replay", "seed": seed,
-                             **scores([names[i] for i in ftr(test_pre)], None, test_truth, held_out)})
-                new_protos = torch.stack([F.normalize(features(model, ds.train.images[shots[c]], mean, std), dim=-1)
-                                          .mean(0) for c in held_out])
-                protos = F.normalize(torch.cat([old_protos, new_protos]), dim=-1)
-                ncm = (test_feats @ protos.T).argmax(-1)
-                rows.append({"k": k, "method": "ncm", "seed": seed,
-                             **scores([names[i] for i in ncm], None, test_truth, held_out)})
-                for r in rows[-4:]:
-                    print(f"K={k:>2} seed {seed} {r['method']:>22}: new recall {r['new_recall']:.3f}  "
-                          f"old acc {r['old_accuracy']:.3f}  overall {r['accuracy']:.3f}  "
-                          f"mean(old,new) {r['mean_old_new']:.3f}"
-                          + (f"  memory share {r['memory_share']:.3f}" if "memory_share" in r else ""), flush=True)
-    return {"rows": rows, "table": summarise(rows), "before": before}
+    policies = [base.replace(correction_bias=cb) for cb in CORRECTION_GRID]
+    for seed in range(args.seeds):
+        lessons = []
+        for c in range(len(ds.classes)):
+            idx = (train.labels == c).nonzero().squeeze(1)
+            pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(100 + seed * 1000 + c))[:args.k]]
+            lessons.append((embed_all(model, rotate(train.images[pick]), mean, std), c))
+        for cb, (pc, ps) in zip(CORRECTION_GRID, predictions_after_teaching(model, lessons, [xc, xs], policies)):
+            rows.append({"correction_bias": cb, "seed": seed, "clean_accuracy": acc(pc), "shifted_accuracy": acc(ps)})
+            print(f"correction_bias {cb} seed {seed}: clean {rows[-1]['clean_accuracy']:.4f} shifted "
+                  f"{rows[-1]['shifted_accuracy']:.4f}", flush=True)
+    clean0, shifted0 = acc(before[0]), acc(before[1])
+    table = []
+    for cb in CORRECTION_GRID:
+        rs = [r for r in rows if r["correction_bias"] == cb]
+        table.append({"correction_bias": cb, **{k: statistics.mean(r[k] for r in rs)
+                                                 for k in ("clean_accuracy", "shifted_accuracy")}})
+    ok = [t for t in table if t["clean_accuracy"] >= clean0 - MAX_CLEAN_DROP]
+    best = max(ok or table, key=lambda t: t["shifted_accuracy"])
+    print(f"chosen on validation (K={args.k}): correction_bias {best['correction_bias']}: shifted {shifted0:.4f} -> "
+          f"{best['shifted_accuracy']:.4f}, clean {clean0:.4f} -> {best['clean_accuracy']:.4f}", flush=True)
+    return {"k": args.k, "before": {"clean_accuracy": clean0, "shifted_accuracy": shifted0}, "rows": rows,
+            "table": table, "chosen": best, "validation_images": len(val.labels)}
 
 
 def shift(args, m: dict) -> dict:
     data_dir, _, _, model_name = SETTINGS[args.dataset]
     ds = load_dataset(args.dataset, data_dir)
     truth = [ds.classes[int(i)] for i in ds.test.labels]
-    rotate = (lambda x: torch.rot90(x, 1, (2, 3))) if args.transform == "rot90" else (lambda x: 255 - x)
+    rotate = ROTATE[args.transform]
     clean_png = [png(im) for im in ds.test.images]
     shifted_png = [png(im) for im in rotate(ds.test.images)]
     rows = []
@@ -269,100 +218,24 @@ def shift(args, m: dict) -> dict:
     return {"rows": rows, "before": base, "table": table}
 
 
-GRID = {"class_balance": [0.0, 0.5, 1.0], "new_class_threshold": [None, 0.5, 0.3]}
-NEW_VALIDATION = 500  # validation images per held-out class, never drawn as shots
-
-
-def policy_grid(args, m: dict) -> dict:
-    data_dir, model_name, held_out, _ = SETTINGS[args.dataset]
-    ds = load_dataset(args.dataset, data_dir)
-    loaded = load_model(args.store, model_name)
-    old_val = validation_of(ds, loaded.manifest["data"])  # old classes, indices of the 8-class model
-    mean, std = loaded.input.mean, loaded.input.std
-    old_names = list(loaded.classes)
-    x_old = normalize(old_val.images, mean, std)
-    truth_old = [old_names[int(i)] for i in old_val.labels]
-    new_val, pools = {}, {}
-    for c in held_out:  # per held-out class: a fixed validation draw, the rest is the pool of shots
-        idx = (ds.train.labels == ds.classes.index(c)).nonzero().squeeze(1)
-        pick = torch.zeros(len(idx), dtype=torch.bool)
-        pick[torch.randperm(len(idx), generator=torch.Generator().manual_seed(12345))[:NEW_VALIDATION]] = True
-        new_val[c], pools[c] = idx[pick], idx[~pick]
-    x_new = normalize(ds.train.images[torch.cat([new_val[c] for c in held_out])], mean, std)
-    truth_new = [c for c in held_out for _ in range(NEW_VALIDATION)]
-    x_all, truth = torch.cat([x_old, x_new]), truth_old + truth_new
-    grid = [(cb, nt) for cb in GRID["class_balance"] for nt in GRID["new_class_threshold"]]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for cb, nt in grid:
-            for seed in range(args.seeds):
-                overrides = {"class_balance": cb, "new_class_threshold": nt}
-                rt = ModelRuntime(args.store, model_name, Path(tmp) / f"{cb}-{nt}-{seed}", overrides)
-                if nt is None:  # "unset" overrides nothing: the manifest's value would stay
-                    rt.policy = RoutingPolicy(**{**rt.policy.to_dict(), "new_class_threshold": None})
-                for c in held_out:
-                    g = torch.Generator().manual_seed(seed * 1000 + ds.classes.index(c))
-                    shots = pools[c][torch.randperm(len(pools[c]), generator=g)[:args.k]]
-                    rt.commit_feedback(rt.embed(normalize(ds.train.images[shots], mean, std)), c,
-                                       [Upload(png(im), "image/png") for im in ds.train.images[shots]])
-                pred, paths = [], []
-                for b in x_all.split(500):
-                    served = rt.predict(b)
-                    pred += [rt.class_name(int(i)) for i in served.prediction.labels]
-                    paths += served.prediction.paths
-                rt.close()
-                r = {"class_balance": cb, "new_class_threshold": nt, "seed": seed,
-                     **scores(pred, paths, truth, held_out)}
-                rows.append(r)
-                print(f"class_balance {cb} new_class_threshold {nt} seed {seed}: new recall {r['new_recall']:.3f} "
-                      f"old acc {r['old_accuracy']:.3f} mean {r['mean_old_new']:.3f}", flush=True)
-    table = []
-    for cb, nt in grid:
-        rs = [r for r in rows if r["class_balance"] == cb and r["new_class_threshold"] == nt]
-        table.append({"class_balance": cb, "new_class_threshold": nt, "seeds": len(rs),
-                      **{k: statistics.mean(r[k] for r in rs) for k in ("new_recall", "old_accuracy", "mean_old_new")}})
-    best = max(table, key=lambda t: t["mean_old_new"])
-    print(f"chosen on validation (K={args.k}): class_balance {best['class_balance']} new_class_threshold "
-          f"{best['new_class_threshold']} mean(old, new) {best['mean_old_new']:.4f}", flush=True)
-    return {"rows": rows, "table": table, "chosen": best, "k": args.k,
-            "validation": {"old": len(truth_old), "new_per_class": NEW_VALIDATION}}
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    out = []
-    keys = ("new_recall", "old_accuracy", "accuracy", "mean_old_new", "memory_share", "new_memory_share")
-    for k, method in dict.fromkeys((r["k"], r["method"]) for r in rows):
-        rs = [r for r in rows if r["k"] == k and r["method"] == method]
-        row = {"k": k, "method": method, "seeds": len(rs)}
-        for key in keys:
-            if key in rs[0]:
-                vals = [r[key] for r in rs]
-                row[key] = statistics.mean(vals)
-                row[key + "_min"], row[key + "_max"] = min(vals), max(vals)
-        out.append(row)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("experiment", choices=["policy-grid", "new-classes", "shift"])
-    ap.add_argument("--k", type=int, default=10, help="policy-grid: shots per new class")
+    ap.add_argument("experiment", choices=["shift", "shift-choose"])
+    ap.add_argument("--k", type=int, default=50, help="shift-choose: shifted shots per class")
     ap.add_argument("--dataset", choices=sorted(SETTINGS), default="fashion-mnist")
     ap.add_argument("--ks", type=int, nargs="+", default=None)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--store", type=Path, default=ROOT / "runs/store", help="where the 8-class models are")
     ap.add_argument("--transform", choices=["rot90", "invert"], default="rot90")
     ap.add_argument("--env", nargs="*", default=[], help="server settings, NAME=value")
     ap.add_argument("--tag", default="", help="suffix of the result file")
-    ap.add_argument("--no-baselines", dest="baselines", action="store_false", help="the memory rows only")
     args = ap.parse_args()
-    args.ks = args.ks or ([1, 5, 10, 50] if args.experiment == "new-classes" else [10, 50])
+    args.ks = args.ks or [10, 50]
     args.env = dict(e.split("=", 1) for e in args.env)
     torch.manual_seed(0)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     m = header(config)
-    result = {"policy-grid": policy_grid, "new-classes": new_classes, "shift": shift}[args.experiment](args, m)
-    name = f"online-{args.experiment}-{args.dataset}" + (f"-{args.transform}" if args.experiment == "shift" else "")
+    result = {"shift": shift, "shift-choose": shift_choose}[args.experiment](args, m)
+    name = f"online-{args.experiment}-{args.dataset}-{args.transform}"
     write_record(name + args.tag, config, result, m)
 
 

@@ -61,6 +61,9 @@ def pick(cls: type, ns: argparse.Namespace):
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
+# the routing policy's online-learning settings, which `retrofit` may set on a trained model
+ONLINE_POLICY = ("new_class_threshold", "class_balance", "taught_rows", "taught_bias", "correction_bias", "taught_l2")
+
 # fields of ClassifierConfig that training takes from the data set
 DERIVED = ("num_classes", "in_chans", "image_size", "memory_classes")
 
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p_retrofit.add_argument("--replay-per-class", type=int, default=100,
                             help="training images per class whose features the model keeps (default: 100)")
     p_retrofit.add_argument("--data-dir", default=None, help="where the data set is (as for train)")
-    for f in ("taught_rows", "taught_bias", "taught_l2"):  # the rest of the policy stays as training chose it
+    for f in ONLINE_POLICY:  # the confidence threshold stays as training chose it
         flag = "--" + f.replace("_", "-")
         kind = dict(action=argparse.BooleanOptionalAction) if f == "taught_rows" else dict(type=float)
         p_retrofit.add_argument(flag, dest=f, default=None, help=f"{field_docs(RoutingPolicy)[f]} (default: keep)",
@@ -138,7 +141,7 @@ def retrofit(ns: argparse.Namespace) -> int:
     from .core.store import ModelStoreError
     from .core.train import retrofit_model
 
-    policy = {f: getattr(ns, f) for f in ("taught_rows", "taught_bias", "taught_l2")}
+    policy = {f: getattr(ns, f) for f in ONLINE_POLICY}
     try:
         d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy)
     except (ValueError, DatasetMissing, ModelStoreError) as e:

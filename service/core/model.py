@@ -256,7 +256,8 @@ class EnhancedClassifier(nn.Module):
         taught = torch.zeros(B, dtype=torch.bool)
         rows = self.taught.rows if policy.taught_rows and self.taught is not None else None  # read once
         if rows is not None and rows.labels.numel():  # exit final: `hidden` are the head's input features
-            logits = torch.cat([self.head(hidden).float(), rows.logits(hidden) + policy.taught_bias], 1)
+            bias = torch.where(rows.labels >= H, policy.taught_bias, policy.correction_bias)  # (T,)
+            logits = torch.cat([self.head(hidden).float(), rows.logits(hidden) + bias], 1)  # (B, H + T)
             taught = logits.argmax(-1) >= H  # (B,) a taught row outscores every trained row
             to_label = torch.cat([torch.arange(H), rows.labels])  # (H + T,) the label of each row
             probs.index_add_(1, to_label, torch.softmax(logits, -1))  # (B, C) a label's rows summed

@@ -12,7 +12,8 @@ a setting overrides it explicitly (shown in `/memory` and the `model_info` metri
 
 Before that rule, taught head rows (service/core/taught.py; `taught_rows`): where a row
 fitted on the taught examples outscores every trained row of the head (its logit plus
-`taught_bias`), its label answers, on the memory path.
+`taught_bias` for a class the head lacks, `correction_bias` for one it has), its label
+answers, on the memory path.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ EMPTY = -1  # label of an empty memory answer (and of a free memory slot)
 
 @dataclass(frozen=True)
 class RoutingPolicy:
+    # defaults of the taught rows' settings: those chosen on Fashion-MNIST's validation data
+    # (bench/few_shot.py choose, bench/online_learning.py shift-choose; BENCHMARKS.md)
     confidence_threshold: float = 0.85
     """Memory path when the memory's confidence reaches this."""
     new_class_threshold: float | None = None
@@ -37,9 +40,11 @@ class RoutingPolicy:
     """Memory items that vote on each answer."""
     taught_rows: bool = True
     """Fit a head row per taught label on the taught examples (needs the model's replay features)."""
-    taught_bias: float = 0.0
-    """Added to the taught rows' logits: higher answers taught labels more often."""
-    taught_l2: float = 1e-3
+    taught_bias: float = 2.0
+    """Added to the logits of taught rows for classes the head lacks: higher answers them more often."""
+    correction_bias: float = -1.5
+    """Added to the logits of taught rows for classes the head has (corrections, e.g. under a shift)."""
+    taught_l2: float = 3e-4
     """L2 penalty on the taught rows' weights when they are fitted."""
 
     def __post_init__(self) -> None:

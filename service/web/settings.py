@@ -38,7 +38,10 @@ class ServiceConfig(BaseSettings):
                                         "memory's vote (0 = plain vote)")
     neighbours: int | None = Field(None, ge=1, description="override the number of memory items that vote")
     taught_rows: bool | None = Field(None, description="override whether taught labels get a fitted head row")
-    taught_bias: float | None = Field(None, description="override the bias added to taught rows' logits")
+    taught_bias: float | None = Field(None, description="override the bias added to the logits of taught rows "
+                                      "for classes the head lacks")
+    correction_bias: float | None = Field(None, description="override the bias added to the logits of taught rows "
+                                          "for classes the head has")
     taught_l2: float | None = Field(None, ge=0, description="override the L2 penalty of the taught rows' fit")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height (413 above)")
@@ -73,5 +76,6 @@ class ServiceConfig(BaseSettings):
     def policy_overrides(self) -> dict:
         """The routing-policy fields set explicitly (the rest come from the model's manifest)."""
         return {k: getattr(self, k) for k in ("confidence_threshold", "new_class_threshold", "class_balance",
-                                             "neighbours", "taught_rows", "taught_bias", "taught_l2")
+                                             "neighbours", "taught_rows", "taught_bias", "correction_bias",
+                                             "taught_l2")
                 if getattr(self, k) is not None}
