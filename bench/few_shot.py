@@ -285,14 +285,13 @@ def test(args, d: dict) -> dict:
                     t = time.perf_counter()
                     s.feedback([png(im) for im in ds.train.images[idx]], c)
                     latency.append(1e3 * (time.perf_counter() - t))
-                fit_ms = s.client.get("/memory").json()["taught_fit_ms"]
                 pred, paths = s.predict(test_png)
                 s.close()
                 r = {"k": k, "seed": seed, "method": "service", **scores(pred, paths, d["test_names"], held_out),
-                     "feedback_ms": latency, "taught_fit_ms": fit_ms}
+                     "feedback_ms": latency}
                 rows.append(r)
                 print(f"K={k} draw {seed} service: old {r['old_accuracy']:.4f} new {r['new_recall']:.4f} mean "
-                      f"{r['mean_old_new']:.4f} (feedback {max(latency):.0f} ms, fit {fit_ms:.1f} ms)", flush=True)
+                      f"{r['mean_old_new']:.4f} (feedback {max(latency):.0f} ms)", flush=True)
                 sx, sy = shots_xy(d, picks)
                 for name, (fn, _) in BASELINES.items():
                     setting = chosen["baselines"][name][str(k)]["chosen"]
@@ -320,7 +319,7 @@ def latency(args, d: dict) -> dict:
     env = {k.upper(): str(v) for k, v in service.items() if v is not None}
     model_name, held_out = d["loaded"].name, d["held_out"]
     images = d["ds"].train.images
-    out = {"one_image": [], "fit_ms": [], "batches": {}}
+    out = {"one_image": [], "batches": {}}
     with tempfile.TemporaryDirectory() as tmp:
         s = Served(args.store, model_name, Path(tmp) / "one", **env)
         for j, c in enumerate(held_out):
@@ -328,7 +327,6 @@ def latency(args, d: dict) -> dict:
                 t = time.perf_counter()
                 s.feedback([png(images[i])], c)
                 out["one_image"].append(1e3 * (time.perf_counter() - t))
-                out["fit_ms"].append(s.client.get("/memory").json()["taught_fit_ms"])
         s.close()
         for k in (10, 50):
             s = Served(args.store, model_name, Path(tmp) / f"k{k}", **env)
@@ -343,7 +341,6 @@ def latency(args, d: dict) -> dict:
             out["batches"][str(k)] = ms
     q = lambda xs, p: float(np.percentile(xs, p))  # noqa: E731
     out["summary"] = {"one_image_p50_ms": q(out["one_image"], 50), "one_image_p99_ms": q(out["one_image"], 99),
-                      "fit_ms_p50": q(out["fit_ms"], 50), "fit_ms_max": max(out["fit_ms"]),
                       **{f"k{k}_p50_ms": q(v, 50) for k, v in out["batches"].items()},
                       **{f"k{k}_max_ms": max(v) for k, v in out["batches"].items()}}
     print(json.dumps(out["summary"]), flush=True)

@@ -122,14 +122,14 @@ def predictions_after_teaching(model, lessons: list[tuple[torch.Tensor, int]], x
         for policy in policies:
             key = (policy.taught_l2, policy.taught_rows)
             if key not in fitted:
-                model.fit_taught(taught.nonzero().squeeze(1), policy)
+                model.fit_taught(model.taught_examples(taught.nonzero().squeeze(1), policy), policy)
                 fitted[key] = model.taught.rows
             model.taught.rows = fitted[key]
             out.append([torch.cat([model.finish(r, b, policy).labels for b, r in chunks]) for chunks in reads])
         return out
     finally:
         memory.load_state_dict(saved)
-        model.fit_taught(torch.zeros(0, dtype=torch.int64))
+        model.fit_taught(model.taught_examples(torch.zeros(0, dtype=torch.int64)))
 
 
 ROTATE = {"rot90": lambda x: torch.rot90(x, 1, (2, 3)), "invert": lambda x: 255 - x}

@@ -446,6 +446,27 @@ def few_shot_choose_table(ds: str) -> str:
     return "\n".join(rows)
 
 
+def shift_choose_table() -> str:
+    rows = ["| data set | K per class | correction_bias | clean (validation) | shifted (validation) | |",
+            "|---|---|---|---|---|---|"]
+    found = False
+    for ds, label in (("fashion-mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10 (JPEG copy)")):
+        r = load(f"online-shift-choose-{ds}-rot90")
+        if r is None:
+            continue
+        found = True
+        res = r["results"]
+        b = res["before"]
+        rows.append(f"| {label} | 0 | - | {pct(b['clean_accuracy'])} | {pct(b['shifted_accuracy'])} | before |")
+        for t in res["table"]:
+            chosen = t["correction_bias"] == res["chosen"]["correction_bias"]
+            mark = "**chosen**" if chosen else ""
+            rows.append(f"| {label} | {res['k']} | {t['correction_bias']} | {pct(t['clean_accuracy'])} "
+                        f"({100 * (t['clean_accuracy'] - b['clean_accuracy']):+.2f}) | {pct(t['shifted_accuracy'])} | "
+                        f"{mark} |")
+    return "\n".join(rows) if found else "(online-shift-choose not run)"
+
+
 def update_file(path: Path, sections: dict) -> None:
     """Replace the text between `<!-- begin:NAME -->` and `<!-- end:NAME -->` markers."""
     text = path.read_text()
@@ -475,6 +496,7 @@ if __name__ == "__main__":
                 "online-cifar10": lambda: online_table("cifar10"), "online-ablation": online_ablation_table,
                 "shift": shift_table, "policy-grid-fashion-mnist": lambda: policy_grid_table("fashion-mnist"),
                 "policy-grid-cifar10": lambda: policy_grid_table("cifar10"), "served-accuracy": served_accuracy_table,
+                "shift-choose": shift_choose_table,
                 **{f"few-shot-{ds}": (lambda ds=ds: few_shot_test_table(ds)) for ds in ("fashion-mnist", "cifar10")},
                 **{f"few-shot-choose-{ds}": (lambda ds=ds: few_shot_choose_table(ds))
                    for ds in ("fashion-mnist", "cifar10")}}

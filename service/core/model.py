@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .backbones import create_backbone
-from .memory import MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
+from .memory import EXACT_MATCH, MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
 from .routing import EMPTY, RoutingPolicy, route
 from .taught import TAUGHT_PER_LABEL, TaughtHead
 
@@ -228,14 +228,14 @@ class EnhancedClassifier(nn.Module):
                          class_scores=torch.zeros(B, self.config.memory_classes))
 
     @torch.no_grad()
-    def fit_taught(self, slots: torch.Tensor, policy: RoutingPolicy | None = None) -> None:
-        """Refit the taught head rows on the memory items in `slots` (the taught examples;
-        the service passes the slots that hold feedback). See service/core/taught.py."""
-        if self.taught is None or self.memory is None:
-            return
+    def taught_examples(self, slots: torch.Tensor, policy: RoutingPolicy | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the taught rows are fitted on: (features (N, D), labels (N,)) of the memory
+        items in `slots` (the service passes the slots that hold feedback), the newest
+        TAUGHT_PER_LABEL of each label, so that the fit's cost stays bounded."""
         policy = self.policy if policy is None else policy
-        slots = slots if policy.taught_rows else slots[:0]
-        # the newest TAUGHT_PER_LABEL examples of each label: the fit's cost stays bounded
+        if self.taught is None or self.memory is None or not policy.taught_rows:
+            slots = slots[:0]
         slots = slots[torch.argsort(self.memory.written_at[slots], descending=True, stable=True)]
         labels = self.memory.labels[slots]
         rank = torch.zeros_like(labels)
@@ -243,7 +243,13 @@ class EnhancedClassifier(nn.Module):
             mine = labels == y
             rank[mine] = torch.arange(int(mine.sum()))
         slots = slots[rank < TAUGHT_PER_LABEL]
-        self.taught.fit(self.head, self.memory.features_of(slots), self.memory.labels[slots], policy.taught_l2)
+        return self.memory.features_of(slots), self.memory.labels[slots]
+
+    def fit_taught(self, examples: tuple[torch.Tensor, torch.Tensor], policy: RoutingPolicy | None = None) -> None:
+        """Refit the taught head rows on `taught_examples(...)` (see service/core/taught.py)."""
+        if self.taught is not None:
+            policy = self.policy if policy is None else policy
+            self.taught.fit(self.head, *examples, policy.taught_l2)
 
     @torch.no_grad()
     def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy) -> Prediction:
@@ -258,7 +264,10 @@ class EnhancedClassifier(nn.Module):
         if rows is not None and rows.labels.numel():  # exit final: `hidden` are the head's input features
             bias = torch.where(rows.labels >= H, policy.taught_bias, policy.correction_bias)  # (T,)
             logits = torch.cat([self.head(hidden).float(), rows.logits(hidden) + bias], 1)  # (B, H + T)
-            taught = logits.argmax(-1) >= H  # (B,) a taught row outscores every trained row
+            # a taught row outscores every trained row; an exact match in memory still decides
+            # (a taught image asked again is answered by its own item, confidence 1)
+            exact = used_memory & (r.similarity[:, 0] >= EXACT_MATCH)  # (B,)
+            taught = (logits.argmax(-1) >= H) & ~exact  # (B,)
             to_label = torch.cat([torch.arange(H), rows.labels])  # (H + T,) the label of each row
             probs.index_add_(1, to_label, torch.softmax(logits, -1))  # (B, C) a label's rows summed
             used_memory = used_memory & ~taught

@@ -13,7 +13,8 @@ a setting overrides it explicitly (shown in `/memory` and the `model_info` metri
 Before that rule, taught head rows (service/core/taught.py; `taught_rows`): where a row
 fitted on the taught examples outscores every trained row of the head (its logit plus
 `taught_bias` for a class the head lacks, `correction_bias` for one it has), its label
-answers, on the memory path.
+answers, on the memory path; only an exact match in memory (the taught image itself)
+comes first.
 """
 
 from __future__ import annotations

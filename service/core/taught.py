@@ -16,21 +16,22 @@ A label the head already has can have a taught row too: corrections of a known c
 (rotated photographs of a shoe) get a row of their own that maps to the same label.
 
 The fit minimises class-balanced cross-entropy over [trained logits, taught logits] plus
-`l2 * |V|^2`, from zero, in float64, with a fixed number of L-BFGS iterations: the rows are
-a function of (trained head, replay features, taught examples) alone, so every process that
-applies the same feedback log fits the same rows.
+`l2 * |V|^2`, from zero, in float64, by scipy's L-BFGS-B with its analytic gradient: the
+rows are a function of (trained head, replay features, taught examples) alone, so every
+process that applies the same feedback log fits the same rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from scipy.optimize import minimize
 
 TAUGHT_PER_LABEL = 256  # newest taught examples of a label its row is fitted on (bounds the fit's cost)
-FIT_ITERATIONS = 60  # L-BFGS iterations: converged to ~1e-4 of the loss on both data sets (BENCHMARKS.md)
+FIT_ITERATIONS = 200  # L-BFGS-B's limit; it stops earlier once converged
 
 
 @dataclass(frozen=True)
@@ -66,24 +67,28 @@ class TaughtHead(nn.Module):
             return
         row_labels = labels.unique()  # (T,) sorted: the same order in every process
         C, T = head.out_features, row_labels.numel()
-        x = torch.cat([self.replay_features, features.float()]).double()  # (N_r + N, D)
-        target = torch.cat([self.replay_labels, C + torch.searchsorted(row_labels, labels)])  # (N_r + N,)
-        counts = torch.bincount(target, minlength=C + T).double()
-        weight = (1.0 / counts.clamp_min(1))[target]  # every trained class and every row weighs the same
-        weight = weight / weight.sum()
-        trained = x @ head.weight.detach().double().T + head.bias.detach().double()  # (N_r + N, C), fixed
-        V = torch.zeros(T, D, dtype=torch.float64, requires_grad=True)
-        c = torch.zeros(T, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([V, c], lr=1.0, max_iter=FIT_ITERATIONS, history_size=10,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+        # float64 torch (its own thread pool, as the model's) for the loss; scipy drives L-BFGS-B
+        x = torch.cat([self.replay_features, features.float()]).double()  # (N, D)
+        xb = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (N, D + 1): bias as an input
+        target = torch.cat([self.replay_labels, C + torch.searchsorted(row_labels, labels)])  # (N,)
+        weight = (1.0 / torch.bincount(target, minlength=C + T).double().clamp_min(1))[target]
+        weight = weight / weight.sum()  # every trained class and every row weighs the same
+        trained = x @ head.weight.detach().double().T + head.bias.detach().double()  # (N, C), fixed
+        own = torch.zeros(len(x), T, dtype=torch.float64)  # (N, T) one-hot of each example's own row
+        taught_ex = (target >= C).nonzero().squeeze(1)
+        own[taught_ex, target[taught_ex] - C] = 1.0
+        decay = torch.ones(T, D + 1, dtype=torch.float64)
+        decay[:, D] = 0.0  # the bias is not penalised
+        picked = target.unsqueeze(1)
 
-        def loss_fn():
-            opt.zero_grad()
-            logits = torch.cat([trained, x @ V.T + c], 1)  # (N_r + N, C + T)
-            loss = (F.cross_entropy(logits, target, reduction="none") * weight).sum() + l2 * (V ** 2).sum()
-            loss.backward()
-            return loss
+        def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            V = torch.from_numpy(theta).view(T, D + 1)
+            log_p = torch.log_softmax(torch.cat([trained, xb @ V.T], 1), 1)  # (N, C + T)
+            loss = -(weight * log_p.gather(1, picked).squeeze(1)).sum() + l2 * (decay * V * V).sum()
+            g = (log_p[:, C:].exp() - own) * weight.unsqueeze(1)  # (N, T): d loss / d taught logits
+            return float(loss), (g.T @ xb + 2 * l2 * decay * V).numpy().ravel()
 
-        with torch.enable_grad():
-            opt.step(loss_fn)
-        self.rows = TaughtRows(V.detach().float(), c.detach().float(), row_labels)
+        fit = minimize(loss_and_grad, np.zeros(T * (D + 1)), jac=True, method="L-BFGS-B",
+                       options={"maxiter": FIT_ITERATIONS, "ftol": 1e-10, "gtol": 1e-8})
+        V = torch.from_numpy(fit.x).view(T, D + 1).float()
+        self.rows = TaughtRows(V[:, :D].contiguous(), V[:, D].contiguous(), row_labels)

@@ -89,7 +89,6 @@ class MemoryResponse(BaseModel):
     feedback_items: int = 0
     taught_rows: list[str] = Field(default_factory=list, description="labels with a head row fitted on their "
                                                                      "taught examples")
-    taught_fit_ms: float = Field(0.0, description="how long the last fit of the taught rows took")
     classes: list[str] = []
     label_space: int = 0
     last_snapshot_time: float | None = None
