@@ -53,7 +53,8 @@ train-fashion-mnist: install data
 
 train-cifar10: install
 	$(PY) -m service train --dataset cifar10 --data-dir $(CIFAR_ZIP) --name cifar10 --memory cached \
-	  --backbone poolnet --epochs 8 --class-balance 0.5 --new-class-threshold 0.3
+	  --backbone poolnet --epochs 8 --class-balance 0.5 --new-class-threshold 0.3 \
+	  --taught-bias 2.5 --taught-l2 3e-3 --correction-bias -2.5
 
 models: install data
 	bench/train_models.sh
