@@ -9,6 +9,12 @@ all repeats; the variants' repeats are interleaved so that machine noise hits ea
 machine is shared: the load average is recorded beside every run.
 
     .venv/bin/python bench/ddp_epoch.py [--procs 2] [--limit-train 10000] [--epochs 4] [--repeats 2]
+
+Inside training the collectives' time includes waiting for the slower process. The collectives
+alone, on the same tensors (one process's share of a 128 batch, D = 128; a 10,000-slot trainable
+memory's gradients), with nothing else running in the processes:
+
+    .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 bench/ddp_epoch.py --collectives
 """
 
 from __future__ import annotations
@@ -44,6 +50,41 @@ def train(store: Path, procs: int, threads: int, args, memory: str, name: str) -
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
 
 
+def collectives(args) -> None:
+    """Under torchrun: median time of the per-step memory collectives; rank 0 writes the record."""
+    import torch
+
+    from service.core.distributed import setup, shutdown
+
+    comm = setup("cpu", 60)
+    share, dim, slots, classes = 128 // comm.world_size, 128, 10000, 20
+    features, labels = torch.randn(share, dim), torch.randint(0, 10, (share,))
+    params = [torch.nn.Parameter(torch.zeros(slots, dim)), torch.nn.Parameter(torch.zeros(slots, classes))]
+    times: dict[str, list[float]] = {"gather_batch": [], "average_gradients": []}
+    for i in range(args.iterations + 50):  # the first 50 are warm-up
+        for p in params:
+            p.grad = torch.randn_like(p)
+        comm.barrier()  # both start together: no waiting for the other process in the times
+        t = time.perf_counter()
+        comm.gather_batch(features, labels)
+        t1 = time.perf_counter()
+        comm.average_gradients(params)
+        t2 = time.perf_counter()
+        if i >= 50:
+            times["gather_batch"].append(1e3 * (t1 - t))
+            times["average_gradients"].append(1e3 * (t2 - t1))
+    if comm.is_main:
+        config = {"processes": comm.world_size, "share": share, "feature_dim": dim, "memory_slots": slots,
+                  "memory_classes": classes, "iterations": args.iterations, "backend": "gloo",
+                  "gather_bytes": share * (dim + 1) * 4 * comm.world_size,
+                  "grad_bytes": slots * (dim + classes) * 4, "loadavg": os.getloadavg()}
+        m = header(config)
+        results = {f"{k}_ms": spread(v) for k, v in times.items()}
+        print(json.dumps({k: round(v["median"], 3) for k, v in results.items()}))
+        write_record("ddp_collectives", config, results, m)
+    shutdown(comm)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--procs", type=int, default=2, help="processes of the parallel variant (= cores used)")
@@ -53,7 +94,11 @@ def main() -> None:
     ap.add_argument("--backbone", default="small_resnet")
     ap.add_argument("--memories", nargs="+", default=["cached", "trainable"])
     ap.add_argument("--record", default="ddp_epoch")
+    ap.add_argument("--collectives", action="store_true", help="under torchrun: time the memory's collectives alone")
+    ap.add_argument("--iterations", type=int, default=300)
     args = ap.parse_args()
+    if args.collectives:
+        return collectives(args)
     config = vars(args) | {"batch_size": 128, "memory_size": 10000, "dataset": "fashion-mnist",
                            "variants": {"1 process": f"1 process x {args.procs} threads",
                                         f"{args.procs} processes": f"{args.procs} processes x 1 thread (gloo)"}}
