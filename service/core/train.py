@@ -302,7 +302,7 @@ def train_step(model: EnhancedClassifier, opt: torch.optim.Optimizer, x: torch.T
     loss = ce + memory_loss_weight * mem_loss.to(ce.device)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if comm is not None and memory is not None:
+    if comm is not None and write_sims is not None:  # the loss read the memory: on every process alike
         comm.average_gradients(list(memory.parameters()))
     opt.step()
     if memory is not None:
