@@ -129,7 +129,14 @@ def train(ns: argparse.Namespace) -> int:
             finally:
                 store.close()
             print(f"folding {len(taught[1])} taught examples from the feedback store into training", flush=True)
-        run_training(tc, cc, policy, ds=ds, taught=taught)
+        run = run_training
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            # under torchrun: a process's exception goes, with its traceback, into torchrun's
+            # failure summary (the other processes are stopped and the run exits non-zero)
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            run = record(run_training)
+        run(tc, cc, policy, ds=ds, taught=taught)
     except (ValueError, DatasetMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

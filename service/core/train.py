@@ -7,6 +7,10 @@ The test set is evaluated once, at the end, with the chosen policy: it only repo
 
     loss = cross_entropy(head(features), y) + memory_loss_weight * memory.contrastive_loss(features, y)
     after each step: memory.update(features, y)
+
+Launched by `torchrun --nproc_per_node N -m service train ...` it trains data-parallel, with one
+memory kept identical on every process (distributed.py). With --checkpoint-dir, the state at
+the end of every epoch is written (checkpoint.py) and --resume continues from it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import (Dataset, Split, augment, carve_validation, fold_in, keep_classes, load_dataset, normalize,
                    stratified_indices, subset)
 from .model import ClassifierConfig, EnhancedClassifier
@@ -78,6 +84,16 @@ class TrainConfig:
     """Test on a seeded, class-stratified subset of N images."""
     progress: bool = True
     """Show tqdm progress bars."""
+    device: str = "cpu"
+    """Where the network trains: cpu or cuda (a GPU per process, NCCL between processes; the memory stays on CPU)."""
+    checkpoint_dir: str | None = None
+    """Write a checkpoint (model and memory, optimiser, schedule, RNG) here at the end of every epoch."""
+    resume: bool = False
+    """Continue from the last finished epoch of the checkpoint in --checkpoint-dir (start afresh when it holds none)."""
+    check_memory_sync: bool = True
+    """Across processes: compare a sha256 of every process's memory after each epoch; stop the run if any differs."""
+    dist_timeout: float = 600.0
+    """Across processes: seconds a process waits for the others (a collective, the final save) before the run fails."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -93,11 +109,26 @@ class TrainConfig:
                              "pass --no-choose-threshold to keep --confidence-threshold")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir (the folder the interrupted run wrote)")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
 
     def use_bf16(self) -> bool:
         if self.precision == "auto":
+            if self.device == "cuda":
+                return torch.cuda.is_bf16_supported()
             return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return self.precision == "bf16"
+
+
+# settings that may change between an interrupted run and its --resume
+RUN_ONLY = ("data_dir", "download", "name", "store", "progress", "device", "checkpoint_dir", "resume",
+            "check_memory_sync", "dist_timeout")
 
 
 @dataclass
@@ -110,20 +141,25 @@ class EvalResult:
 
 @torch.no_grad()
 def collect_predictions(model: EnhancedClassifier, images: torch.Tensor, mean, std, policy: RoutingPolicy,
-                        batch_size: int = 500) -> dict[str, torch.Tensor]:
+                        batch_size: int = 500, comm: distributed.Comm | None = None) -> dict[str, torch.Tensor]:
     """Head and memory answers for every image (eval mode, fp32): the raw material of
     evaluation and of the threshold sweep (which varies only the threshold, so the memory
-    is read once, with the policy's neighbours and class balance)."""
+    is read once, with the policy's neighbours and class balance). Across processes (`comm`)
+    each reads its part of the images and every process gets every answer."""
     model.eval()
-    out: dict[str, list] = {"head": [], "mem_label": [], "mem_conf": []}
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+    device = model.head.weight.device  # the memory stays on the CPU
+    part = images if comm is None else images[comm.part(len(images))]
+    none = torch.zeros(0, dtype=torch.int64)  # a process with no part still gathers
+    out: dict[str, list] = {"head": [none], "mem_label": [none], "mem_conf": [torch.zeros(0)]}
+    for i in range(0, len(part), batch_size):
+        x = normalize(part[i:i + batch_size], mean, std).to(device).contiguous(memory_format=torch.channels_last)
         logits, keys = model(x)
-        r = model.retrieve(keys.float(), policy)
-        out["head"].append(logits.argmax(-1))
+        r = model.retrieve(keys.float().cpu(), policy)
+        out["head"].append(logits.argmax(-1).cpu())
         out["mem_label"].append(r.labels)
         out["mem_conf"].append(r.confidence)
-    return {k: torch.cat(v) for k, v in out.items()}
+    preds = {k: torch.cat(v) for k, v in out.items()}
+    return preds if comm is None else {k: comm.gather_rows(v, len(images)) for k, v in preds.items()}
 
 
 def evaluate(preds: dict[str, torch.Tensor], labels: torch.Tensor, policy: RoutingPolicy,
@@ -235,23 +271,44 @@ def build_model(tc: TrainConfig, cc: ClassifierConfig, ds: Dataset) -> EnhancedC
 
 
 def train_step(model: EnhancedClassifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               memory_loss_weight: float, label_smoothing: float, bf16: bool) -> tuple[float, float, float]:
+               memory_loss_weight: float, label_smoothing: float, bf16: bool, *,
+               ddp: torch.nn.Module | None = None, comm: distributed.Comm | None = None,
+               write_rows: int | None = None) -> tuple[float, float, float]:
     """One optimisation step, then the batch's features are written to memory.
-    Returns (cross-entropy, memory loss, correct predictions)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits, features = model(x)  # (B, num_classes), (B, D)
+    Returns (cross-entropy, memory loss, correct predictions).
+
+    Across processes, `x, y` are this process's share of the global batch, `ddp` the
+    DistributedDataParallel wrapper of `model` (gradients averaged) and `comm` gathers every
+    share: each process writes the whole global batch (its first `write_rows` rows: not the
+    padding of a last batch) in rank order, with similarities computed from that one gathered
+    tensor, so every memory receives the same writes (distributed.py)."""
+    memory = model.memory
+    device = x.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        logits, features = (ddp or model)(x)  # (B, num_classes), (B, D)
     ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    mem_loss, sims = torch.zeros(()), None
-    if model.memory is not None and memory_loss_weight > 0 and model.memory.size:
+    sim_dtype = torch.bfloat16 if bf16 and device == "cpu" else None
+    write_x, write_y = features.detach().float().cpu(), y.cpu()  # what the memory is written
+    if comm is not None and memory is not None:
+        write_x, write_y = comm.gather_batch(features, y)  # (W*B, D), (W*B,)
+    mem_loss, write_sims = torch.zeros(()), None
+    if memory is not None and memory_loss_weight > 0 and memory.size:
         # one similarity matrix serves the loss and the write that follows
-        sims = model.memory.similarity(features.float(), torch.bfloat16 if bf16 else None)  # (B, M)
-        mem_loss = model.memory.contrastive_loss(features, y, similarity=sims)
-    loss = ce + memory_loss_weight * mem_loss
+        sims = memory.similarity(features.float().cpu(), sim_dtype)  # (B, M)
+        mem_loss = memory.contrastive_loss(features.cpu(), y.cpu(), similarity=sims)
+        write_sims = sims.detach()
+        if comm is not None:  # the gathered batch against the memory before this step's writes and update
+            with torch.no_grad():
+                write_sims = memory.similarity(write_x, sim_dtype)  # (W*B, M)
+    loss = ce + memory_loss_weight * mem_loss.to(ce.device)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if comm is not None and write_sims is not None:  # the loss read the memory: on every process alike
+        comm.average_gradients(list(memory.parameters()))
     opt.step()
-    if model.memory is not None:
-        model.memory.update(features.detach().float(), y, similarity=None if sims is None else sims.detach())
+    if memory is not None:
+        n = len(write_y) if write_rows is None else write_rows
+        memory.update(write_x[:n], write_y[:n], similarity=None if write_sims is None else write_sims[:n])
     return ce.item(), mem_loss.item(), (logits.argmax(-1) == y).sum().item()
 
 
@@ -326,12 +383,61 @@ def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None
                       reports=reports, splits=record)
 
 
+def place(model: EnhancedClassifier, device: str) -> EnhancedClassifier:
+    """The network on `device`; the memory stays on the CPU (its writes, the service's home)."""
+    for name, child in model.named_children():
+        if name != "memory":
+            child.to(device)
+    return model
+
+
+def settings_fingerprint(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, train_size: int) -> dict:
+    """The settings a resumed run must share with the run that wrote the checkpoint, flat and
+    as JSON gives them back."""
+    fp = {k: v for k, v in asdict(tc).items() if k not in RUN_ONLY}
+    fp |= {f"classifier.{k}": v for k, v in cc.to_dict().items()}
+    fp |= {f"routing.{k}": v for k, v in policy.to_dict().items()}
+    fp["train_size"] = train_size
+    return json.loads(json.dumps(fp))
+
+
+def restore(state: dict, fingerprint: dict, model: EnhancedClassifier, opt, sched, gen: torch.Generator,
+            where: str) -> None:
+    """Load a checkpoint's state into a freshly built run, refusing one written with other settings."""
+    saved = state["fingerprint"]
+    differ = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+    if differ:
+        raise CheckpointError(f"--resume: the checkpoint in {where} was written with other settings ("
+                              + ", ".join(f"{k}={saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ[:5])
+                              + "); pass the same flags, or leave out --resume to start afresh")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    gen.set_state(state["rng"]["generator"])
+
+
 def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | None = None,
                  ds: Dataset | None = None, save: bool = True, taught: tuple[torch.Tensor, list[str]] | None = None
                  ) -> dict:
     """The whole experiment; returns the report (also written beside the model). `taught`:
-    examples users taught ((N, C, H, W) uint8, labels), added to the training split only."""
-    policy = RoutingPolicy() if policy is None else policy
+    examples users taught ((N, C, H, W) uint8, labels), added to the training split only.
+    Under torchrun, every process runs this; rank 0 alone prints, checkpoints and saves."""
+    world = distributed.world_size_from_env()
+    if tc.batch_size < world:
+        raise ValueError(f"--batch-size ({tc.batch_size}) is the global batch: it must be at least the number of "
+                         f"processes ({world})")
+    comm = distributed.setup(tc.device, tc.dist_timeout)  # None in one process
+    try:
+        return _run_training(tc, cc, RoutingPolicy() if policy is None else policy, ds, save, taught, comm)
+    finally:
+        distributed.shutdown(comm)
+
+
+def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, ds: Dataset | None, save: bool,
+                  taught: tuple[torch.Tensor, list[str]] | None, comm: distributed.Comm | None) -> dict:
+    main = comm is None or comm.is_main
+    say = print if main else (lambda *args, **kwargs: None)
     torch.manual_seed(tc.seed)
     if ds is None:
         ds = load_dataset(tc.dataset, tc.data_dir, tc.download)
@@ -358,37 +464,70 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
     if cc.replay_per_class > fewest:  # the replay is the same size for every class
         print(f"replay_per_class {cc.replay_per_class} -> {fewest}: the rarest class has {fewest} training images")
         cc.replay_per_class = fewest
-    model = build_model(tc, cc, ds).to(memory_format=torch.channels_last)
+    model = place(build_model(tc, cc, ds).to(memory_format=torch.channels_last), tc.device)
     steps_per_epoch = math.ceil(len(train_x) / tc.batch_size)
     opt, sched = make_optimizer(model, tc, tc.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(tc.seed)
-    print(f"training {tc.name}: {ds.name} ({len(train_x)} train / {len(val.labels)} validation / {len(test_x)} test, "
-          f"{len(ds.classes)} classes), "
-          f"backbone {cc.backbone} (memory reads {cc.exit_stage}), memory {cc.memory} ({cc.memory_size}), "
-          f"{tc.epochs} epochs, "
-          f"batch {tc.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
+    fingerprint = settings_fingerprint(tc, cc, policy, len(train_x))
+    world = 1 if comm is None else comm.world_size
+    history: list[dict] = []
+    memory_sync: list[dict] = []  # per epoch, every process's memory sha256 (across processes)
+    say(f"training {tc.name}: {ds.name} ({len(train_x)} train / {len(val.labels)} validation / {len(test_x)} test, "
+        f"{len(ds.classes)} classes), "
+        f"backbone {cc.backbone} (memory reads {cc.exit_stage}), memory {cc.memory} ({cc.memory_size}), "
+        f"{tc.epochs} epochs, "
+        f"batch {tc.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads"
+        + ("" if comm is None else
+           f" per process, {world} processes ({distributed.backend_for(tc.device)}) on {tc.device}"),
+        flush=True)
 
-    history = []
-    for epoch in range(1, tc.epochs + 1):
+    start = 1
+    found = load_checkpoint(tc.checkpoint_dir) if tc.resume else None
+    if tc.resume and found is None:
+        say(f"--resume: no checkpoint in {tc.checkpoint_dir}; starting afresh", flush=True)
+    if found is not None:
+        done, state = found
+        restore(state, fingerprint, model, opt, sched, gen, tc.checkpoint_dir)
+        history, memory_sync, start = state["history"], state["memory_sync"], done + 1
+        note = "" if state["world_size"] == world else \
+            f" (written by {state['world_size']} processes: same data order, other batch-norm batches)"
+        say(f"resuming after epoch {done} of {tc.epochs} from {tc.checkpoint_dir}{note}", flush=True)
+    if comm is not None and len(set(starts := comm.values_by_rank(start))) > 1:
+        raise CheckpointError(f"--resume: the processes found different checkpoints (first epoch by rank: {starts}); "
+                              "--checkpoint-dir must be a folder every process reads (a shared file system)")
+    ddp = distributed.wrap(model, comm, tc.device) if comm is not None else None
+
+    for epoch in range(start, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(len(train_x), generator=gen)
-        sums = {"ce": 0.0, "mem": 0.0, "correct": 0.0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress, leave=False)
+        sums = {"ce": 0.0, "mem": 0.0, "correct": 0.0, "n": 0}
+        if comm is not None:
+            comm.reset_timings()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{tc.epochs}", disable=not (tc.progress and main),
+                   leave=False)
         for step in bar:
             idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
-            x = normalize(augment(train_x[idx], pad, tc.flip, gen), mean, std).contiguous(
-                memory_format=torch.channels_last)  # (B, C, H, W)
-            ce, mem, correct = train_step(model, opt, x, train_y[idx], tc.memory_loss_weight,
-                                          tc.label_smoothing, bf16)
+            images, labels = augment(train_x[idx], pad, tc.flip, gen), train_y[idx]  # the global batch
+            if comm is not None:
+                mine = comm.share(len(idx))
+                images, labels = images[mine], labels[mine]
+            x = normalize(images, mean, std).to(tc.device).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+            ce, mem, correct = train_step(model, opt, x, labels.to(tc.device), tc.memory_loss_weight,
+                                          tc.label_smoothing, bf16, ddp=ddp, comm=comm, write_rows=len(idx))
             sched.step()
-            sums["ce"] += ce * len(idx)
-            sums["mem"] += mem * len(idx)
+            sums["ce"] += ce * len(labels)
+            sums["mem"] += mem * len(labels)
             sums["correct"] += correct
+            sums["n"] += len(labels)
             bar.set_postfix(ce=f"{ce:.3f}", mem=f"{mem:.3f}")
         train_time = time.perf_counter() - t0
-        ev = evaluate(collect_predictions(model, eval_x, mean, std, policy), eval_y, policy, cc.num_classes)
-        n = len(train_x)
+        if comm is not None:
+            sums = dict(zip(sums, comm.sum(list(sums.values()))))  # every process's share (pads included)
+            comm.broadcast_buffers(model)  # rank 0's batch-norm statistics: the model rank 0 saves
+        ev = evaluate(collect_predictions(model, eval_x, mean, std, policy, comm=comm), eval_y, policy,
+                      cc.num_classes)
+        n = sums["n"]
         row = {
             "epoch": epoch,
             "train_loss": (sums["ce"] + tc.memory_loss_weight * sums["mem"]) / n,
@@ -402,20 +541,34 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
             "memory_fill": (model.memory.size / model.memory.capacity) if model.memory is not None else 0.0,
             "epoch_seconds": train_time,
         }
+        if comm is not None:  # rank 0's time in the memory's collectives (waiting for the others included)
+            row["memory_gather_ms_per_step"] = 1e3 * comm.timings["gather"] / steps_per_epoch
+            row["memory_grads_ms_per_step"] = 1e3 * comm.timings["memory_grads"] / steps_per_epoch
         history.append(row)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        if comm is not None and tc.check_memory_sync and model.memory is not None:
+            digests = comm.check_same_memory(model.memory)  # MemoryDiverged, on every process, if they differ
+            memory_sync.append({"epoch": epoch, "sha256_by_rank": digests})
+            say(f"memory identical on {world} processes after epoch {epoch} (sha256 {digests[0][:16]})", flush=True)
+        if tc.checkpoint_dir and main:
+            save_checkpoint(tc.checkpoint_dir, epoch, {
+                "fingerprint": fingerprint, "world_size": world, "history": history, "memory_sync": memory_sync,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state()}})
 
-    fill_replay(model, train_x, train_y, mean, std, tc.seed)
-    sweep = threshold_sweep(collect_predictions(model, eval_x, mean, std, policy), eval_y, policy, cc.num_classes)
+    sweep = threshold_sweep(collect_predictions(model, eval_x, mean, std, policy, comm=comm), eval_y, policy,
+                            cc.num_classes)
     if tc.choose_threshold:
         policy = policy.replace(confidence_threshold=choose_threshold(sweep))
-        print(f"confidence threshold {policy.confidence_threshold} chosen on the validation split "
-              f"({len(val.labels)} images)", flush=True)
+        say(f"confidence threshold {policy.confidence_threshold} chosen on the validation split "
+            f"({len(val.labels)} images)", flush=True)
     model.policy = policy
-    test = evaluate(collect_predictions(model, test_x, mean, std, policy), test_y, policy, cc.num_classes)
-    print(f"test (reported only): accuracy {test.accuracy:.4f} head {test.head_accuracy:.4f} "
-          f"memory usage {test.memory_usage:.4f} memory-path accuracy {test.memory_path_accuracy:.4f}", flush=True)
-    speed = evaluate_inference_speed(model, test_x, mean, std)
+    test = evaluate(collect_predictions(model, test_x, mean, std, policy, comm=comm), test_y, policy, cc.num_classes)
+    say(f"test (reported only): accuracy {test.accuracy:.4f} head {test.head_accuracy:.4f} "
+        f"memory usage {test.memory_usage:.4f} memory-path accuracy {test.memory_path_accuracy:.4f}", flush=True)
+    model = place(model, "cpu")  # the service's device: inference is timed and saved from here
+    fill_replay(model, train_x, train_y, mean, std, tc.seed)  # the same on every rank
+    speed = evaluate_inference_speed(model, test_x, mean, std) if main else {}
     final = history[-1]
     split = {"dataset": ds.name, "exclude_classes": list(tc.exclude_classes), "validation_size": len(val.labels),
              "validation_seed": tc.seed, "validation_indices_sha256": sha256_bytes(val_idx.numpy().tobytes()),
@@ -438,8 +591,13 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
         "inference_speed": speed,
         "torch_threads": torch.get_num_threads(),
     }
-    print("inference speed:", json.dumps(speed), flush=True)
-    if save:
+    if comm is not None:
+        report["distributed"] = {"world_size": world, "backend": distributed.backend_for(tc.device),
+                                 "memory_sync": memory_sync}
+    if start > 1:
+        report["resumed_after_epoch"] = start - 1
+    say("inference speed:", json.dumps(speed), flush=True)
+    if save and main:
         fig, sweep_fig = _plot_training(history, sweep)
         reports = {"metrics.json": json.dumps(report, indent=2).encode(), "metrics.csv": _csv(history),
                    "threshold_sweep.json": json.dumps(sweep, indent=2).encode(), "training.png": fig,
@@ -447,6 +605,8 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
         model = model.to(memory_format=torch.contiguous_format)
         d = save_model(tc.store, tc.name, model, ds.classes, InputSpec(ds.image_size, ds.in_chans, mean, std),
                        metrics=report["final"], reports=reports, splits=split)
-        print(f"saved {d}", flush=True)
+        say(f"saved {d}", flush=True)
+    if comm is not None:
+        comm.barrier()  # the others wait for rank 0's save; a failure there ends the run for all (torchrun)
     report["model"] = model
     return report
