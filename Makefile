@@ -54,7 +54,7 @@ train-fashion-mnist: install data
 train-cifar10: install
 	$(PY) -m service train --dataset cifar10 --data-dir $(CIFAR_ZIP) --name cifar10 --memory cached \
 	  --backbone poolnet --epochs 8 --class-balance 0.5 --new-class-threshold 0.3 \
-	  --taught-bias 2.5 --taught-l2 3e-3 --correction-bias -2.5
+	  --taught-bias 2.0 --taught-l2 0.01 --correction-bias -2.0
 
 models: install data
 	bench/train_models.sh

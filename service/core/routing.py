@@ -41,11 +41,11 @@ class RoutingPolicy:
     """Memory items that vote on each answer."""
     taught_rows: bool = True
     """Fit a head row per taught label on the taught examples (needs the model's replay features)."""
-    taught_bias: float = 2.0
+    taught_bias: float = 2.5
     """Added to the logits of taught rows for classes the head lacks: higher answers them more often."""
     correction_bias: float = -1.5
     """Added to the logits of taught rows for classes the head has (corrections, e.g. under a shift)."""
-    taught_l2: float = 3e-4
+    taught_l2: float = 1e-4
     """L2 penalty on the taught rows' weights when they are fitted."""
 
     def __post_init__(self) -> None:
