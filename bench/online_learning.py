@@ -49,9 +49,10 @@ def png(img: torch.Tensor) -> bytes:
 class Served:
     """A live server process and the two calls the benchmark makes."""
 
-    def __init__(self, store: Path, model: str, state_dir: Path, **env):
-        self.server = Server(state_dir, MODEL_STORE=str(store), MODEL_NAME=model, MAX_FILES=str(CHUNK),
-                             SNAPSHOT_INTERVAL="0", **env).start()
+    def __init__(self, store: Path, model: str, state_dir: Path, workers: int | None = 1, **env):
+        """workers=None: serve's default (one process per core)."""
+        self.server = Server(state_dir, workers=workers, MODEL_STORE=str(store), MODEL_NAME=model,
+                             MAX_FILES=str(CHUNK), SNAPSHOT_INTERVAL="0", **env).start()
         self.client = httpx.Client(base_url=self.server.url, timeout=300)
 
     def predict(self, pngs: list[bytes]) -> tuple[list[str], list[str]]:
