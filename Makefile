@@ -91,10 +91,10 @@ bench-store: install data
 # online learning through /feedback; the policy is chosen on validation data (policy-grid)
 bench-online: install data
 	bench/train_models.sh fashion-mnist-8 && bench/train_models.sh cifar10-8
-	$(PY) bench/online_learning.py policy-grid --dataset fashion-mnist --seeds 3
-	$(PY) bench/online_learning.py policy-grid --dataset cifar10 --seeds 3
-	$(PY) bench/online_learning.py new-classes --dataset fashion-mnist
-	$(PY) bench/online_learning.py new-classes --dataset cifar10
+	for ds in fashion-mnist cifar10; do \
+	  $(PY) bench/few_shot.py choose --dataset $$ds && $(PY) bench/few_shot.py test --dataset $$ds \
+	  && $(PY) bench/online_learning.py shift-choose --dataset $$ds || exit 1; done
+	$(PY) bench/few_shot.py latency --dataset fashion-mnist
 	$(PY) bench/online_learning.py shift --dataset fashion-mnist
 
 lint: install
