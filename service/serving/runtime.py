@@ -252,7 +252,7 @@ class ModelRuntime:
                     last_log = time.perf_counter()
                     log.info("applying the feedback log for model version %s: seq %d of %d (%.0f s)",
                              self.version, self.applied_seq, total, last_log - started)
-            if self._taught_stale:
+            if self._taught_stale and self.model.taught is not None:  # a model without replay has no rows
                 self._refit_taught()
             if progress and total:
                 log.info("feedback log applied up to seq %d in %.1f s (%d examples re-embedded)",
