@@ -106,6 +106,11 @@ def test_the_runtime_fits_a_row_per_taught_label_and_forgetting_removes_it(tmp_p
         assert torch.equal(a.model.taught.rows.labels, b.model.taught.rows.labels)
         a.forget(4)
         assert a.memory_info()["taught_rows"] == ["Novel"]
+        a.snapshot()  # a process started from the snapshot fits the same rows
+        c = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
+        assert c.stats.restored_from_seq == a.applied_seq
+        assert torch.equal(c.model.taught.rows.weight, a.model.taught.rows.weight)
+        c.close()
         off = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var2", {"taught_rows": False})
         teach(off, [5], "Novel")
         assert off.memory_info()["taught_rows"] == []

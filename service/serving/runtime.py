@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
 from collections import OrderedDict
@@ -116,8 +115,11 @@ class ModelRuntime:
         self._tail_stop = threading.Event()
         self._tail: threading.Thread | None = None
         self._dirty = False
-        self._taught_stale = True  # fitted once the log is applied (even with no feedback: no rows)
-        self._fit_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taught-fit")
+        # taught head rows: `_changes` counts applied changes, `_fitted` those the rows reflect;
+        # one fitter thread refits for everything applied so far and wakes every waiter
+        self._changes = self._fitted = 0
+        self._fit_cond = threading.Condition()
+        self._fitter: threading.Thread | None = None
         self._hash_cache: tuple[tuple, str] | None = None
         self.snapshots = SnapshotStore(Path(state_dir) / self.loaded.name / self.version)
         self.store: FeedbackStore | None = None
@@ -252,22 +254,45 @@ class ModelRuntime:
                     last_log = time.perf_counter()
                     log.info("applying the feedback log for model version %s: seq %d of %d (%.0f s)",
                              self.version, self.applied_seq, total, last_log - started)
-            if self._taught_stale and self.model.taught is not None:  # a model without replay has no rows
-                self._refit_taught()
             if progress and total:
                 log.info("feedback log applied up to seq %d in %.1f s (%d examples re-embedded)",
                          self.applied_seq, time.perf_counter() - started, self.stats.reembedded)
-            return self.applied_seq
+            applied = self.applied_seq
+        self._wait_fitted()
+        return applied
 
-    def _refit_taught(self) -> None:
-        """Refit the taught head rows on the examples the memory now holds (core/taught.py):
-        once per sync, so a request's writes and a long log's replay each cost one fit. The
-        fit runs on one dedicated thread (the caller waits): its megabytes of temporaries then
-        come from one malloc arena, not from a new one in each of the request threads."""
-        with self.lock:  # the examples as of now; the fit itself leaves predictions free to run
-            examples = self.model.taught_examples((self.slot_feedback != EMPTY).nonzero().squeeze(1), self.policy)
-        self._fit_thread.submit(self.model.fit_taught, examples, self.policy).result()
-        self._taught_stale = False
+    def _wait_fitted(self) -> None:
+        """Return once the taught head rows (core/taught.py) reflect every change applied so
+        far. Fits run on one fitter thread, each on the memory as it is when the fit starts,
+        so requests that arrive during a fit share the next one instead of queueing one
+        each (and its megabytes of temporaries come from one malloc arena)."""
+        if self.model.taught is None:  # a model without replay features has no rows
+            return
+        with self._fit_cond:
+            target = self._changes
+            if self._fitter is None:
+                self._fitter = threading.Thread(target=self._fit_loop, name="taught-fit", daemon=True)
+                self._fitter.start()
+            self._fit_cond.notify_all()
+            while self._fitted < target and not self._tail_stop.is_set():
+                self._fit_cond.wait(1.0)
+
+    def _fit_loop(self) -> None:
+        while not self._tail_stop.is_set():
+            with self._fit_cond:
+                while self._fitted >= self._changes and not self._tail_stop.is_set():
+                    self._fit_cond.wait(1.0)
+            with self.lock:  # the examples as of now; the fit itself leaves predictions free to run
+                target = self._changes
+                examples = self.model.taught_examples((self.slot_feedback != EMPTY).nonzero().squeeze(1),
+                                                      self.policy)
+            try:
+                self.model.fit_taught(examples, self.policy)
+            except Exception:  # keep serving with the rows as they were; the error is in the log
+                log.exception("fitting the taught head rows failed")
+            with self._fit_cond:
+                self._fitted = target
+                self._fit_cond.notify_all()
 
     def _reembed(self, events: list[Event]) -> None:
         """Embed examples this model version has no vector for, from their stored images."""
@@ -332,7 +357,8 @@ class ModelRuntime:
                                                self.vocab.names[index], index))
             self.applied_seq = events[-1].seq
             self.stats.feedback_applied += len(events)
-            self._dirty = self._taught_stale = True
+            self._dirty = True
+            self._changes += 1
 
     def _apply_forget(self, e: Event) -> None:
         with self.lock:
@@ -342,7 +368,8 @@ class ModelRuntime:
             self.outcomes.pop(e.target, None)
             self.applied_seq = e.seq
             self.stats.forgotten_applied += 1
-            self._dirty = self._taught_stale = True
+            self._dirty = True
+            self._changes += 1
 
     def _remember(self, o: FeedbackOutcome) -> None:
         self.outcomes[o.feedback_id] = o
@@ -393,6 +420,7 @@ class ModelRuntime:
                 self.vocab.reset(list(self.loaded.classes))
                 continue
             self.memory._recount()
+            self._changes += 1  # the restored taught items need their rows
             self.applied_seq = self.stats.restored_from_seq = int(meta["last_seq"])
             log.info("memory restored from %s (feedback log up to seq %d)", sidecar.name, self.applied_seq)
             return
@@ -498,7 +526,8 @@ class ModelRuntime:
 
     def close(self) -> None:
         self._tail_stop.set()
-        self._fit_thread.shutdown(wait=False)
+        with self._fit_cond:
+            self._fit_cond.notify_all()
         if self._tail is not None:
             self._tail.join(10)
         if self.store is not None:
