@@ -232,3 +232,28 @@ def test_a_snapshot_in_progress_blocks_neither_predictions_nor_feedback_and_reco
     path, meta = rt2.snapshots.check(rt2.snapshots.sidecars()[0])
     saved = load_file(path)  # the file itself, by the safetensors library
     assert same(({k: saved[k] for k in at_start[0]}, saved["slot_feedback"], meta["classes"]), at_start)
+
+
+def _open_store_at(path: str, start: float) -> str:
+    import time as _time
+    _time.sleep(max(0.0, start - _time.time()))  # every process opens at the same instant
+    try:
+        SqliteStore(path).close()
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        return repr(e)
+
+
+def test_processes_creating_one_sqlite_store_at_once_all_open_it(tmp_path):
+    # serve --workers N starts N processes on one fresh store: switching a new file to WAL
+    # needs it alone, and SQLite answered "database is locked" without waiting
+    import multiprocessing
+    import time
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        pool.map(abs, range(4))  # the workers are up before the race starts
+        for round_ in range(8):
+            path = str(tmp_path / f"round{round_}" / "feedback.db")
+            start = time.time() + 0.3
+            results = pool.starmap(_open_store_at, [(path, start)] * 4)
+            assert results == ["ok"] * 4, results

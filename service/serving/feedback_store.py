@@ -22,6 +22,7 @@ transaction (group commit): acknowledged means committed durably.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import queue
 import sqlite3
@@ -423,15 +424,20 @@ class SqliteStore(FeedbackStore):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._check_file()
-        try:
-            super().__init__(f"sqlite:///{self.path}")
-        except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError):
-                raise
-            raise FeedbackStoreError(f"feedback store {self.path} is damaged ({e}); refusing to start. "
-                                     "Restore it from a backup, or move it away to start empty.") from e
+        # processes starting together (serve --workers N) take turns to check, create and
+        # switch the file to WAL: that switch needs the file alone and SQLite answers
+        # "database is locked" at once, without waiting, when another process is doing it
+        with open(self.path.with_name(self.path.name + ".open-lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self._check_file()
+            try:
+                super().__init__(f"sqlite:///{self.path}")
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError):
+                    raise
+                raise FeedbackStoreError(f"feedback store {self.path} is damaged ({e}); refusing to start. "
+                                         "Restore it from a backup, or move it away to start empty.") from e
 
     def _check_file(self) -> None:
         try:
