@@ -235,6 +235,10 @@ def serve(ns: argparse.Namespace) -> int:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    counts_dir = Path(config.state_dir) / f"connections-{ns.port}"  # BalanceConnections: per-process counts
+    shutil.rmtree(counts_dir, ignore_errors=True)
+    counts_dir.mkdir(parents=True)
+    os.environ["WORKER_COUNTS_DIR"] = str(counts_dir.resolve())
     uvicorn.run("service.web.app:app", host=ns.host, port=ns.port, log_level=ns.log_level, workers=ns.workers,
                 timeout_graceful_shutdown=30, timeout_keep_alive=5)
     return 0

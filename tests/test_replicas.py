@@ -11,6 +11,7 @@ acknowledged, not-forgotten example is held exactly once.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -565,3 +566,28 @@ def test_postgresql_outage_refuses_feedback_with_503_and_keeps_predicting(server
     assert_same_state(mems)
     assert all(m["feedback_items"] == len(acked) for m in mems)
     assert mems[0]["applied_seq"] == max(ids)
+
+
+def test_two_workers_share_a_burst_of_keep_alive_connections_evenly(model_store, tmp_path):
+    # a burst of new connections is accepted by whichever process wakes first, often all of
+    # them; BalanceConnections closes the excess until each process holds about half
+    w = Workers(tmp_path / "state", model_store, workers=2).start()
+    try:
+        conns = [http.client.HTTPConnection("127.0.0.1", w.port, timeout=30) for _ in range(16)]
+        for c in conns:  # opened back to back, before either process has accepted them
+            c.connect()
+
+        def ask(c: http.client.HTTPConnection) -> int:
+            c.request("GET", "/memory")  # reopened by http.client after Connection: close
+            return json.loads(c.getresponse().read())["pid"]
+
+        with ThreadPoolExecutor(len(conns)) as pool:
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                last = list(pool.map(ask, conns))
+        per_worker = sorted(Counter(last).values())
+        assert len(per_worker) == 2 and per_worker[0] >= 6, per_worker  # at most 9 of 16 on one
+        for c in conns:
+            c.close()
+    finally:
+        w.stop()
