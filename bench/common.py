@@ -47,3 +47,19 @@ def write_record(name: str, config: dict, results: dict, machine_info: dict) -> 
     path.write_text(json.dumps({"machine": machine_info, "config": config, "results": results}, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def test_pngs(n: int) -> list[bytes]:
+    """The first n Fashion-MNIST test images as PNG files: what a client posts."""
+    import io
+
+    from PIL import Image
+
+    from service.core.data import load_fashion_mnist
+    images = load_fashion_mnist().test.images[:n, 0]
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im.numpy()).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out

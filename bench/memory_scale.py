@@ -16,7 +16,6 @@ It is written to a temporary model store; nothing is kept.
 from __future__ import annotations
 
 import argparse
-import io
 import signal
 import sys
 import tempfile
@@ -28,13 +27,11 @@ import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import header, spread, write_record  # noqa: E402
+from bench.common import header, spread, test_pngs, write_record  # noqa: E402
 from bench.live import Server  # noqa: E402
-from service.core.data import load_fashion_mnist  # noqa: E402
 from service.core.model import ClassifierConfig, EnhancedClassifier  # noqa: E402
 from service.core.store import load_model, save_model  # noqa: E402
 
@@ -153,12 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     config = vars(args)
     m = header(config)
-    ds = load_fashion_mnist()
-    pngs = []
-    for i in range(200):
-        buf = io.BytesIO()
-        Image.fromarray(ds.test.images[i, 0].numpy()).save(buf, format="PNG")
-        pngs.append(buf.getvalue())
+    pngs = test_pngs(200)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -337,6 +337,52 @@ def hostile_table() -> str:
     return "\n".join(rows)
 
 
+def request_cost_table() -> str:
+    r = load("request-cost")
+    if r is None:
+        return "(request-cost not run)"
+    res = r["results"]
+    ip, http, b = res["in_process"], res["http"], res["bound"]
+    names = {"json_body_us": "JSON body -> image bytes (pydantic + base64)",
+             "header_read_us": "image header (the pixel budget)", "decode_us": "decode a 28x28 PNG",
+             "answer_us": "build and serialise the answer", "request_metrics_us": "Prometheus updates of a request"}
+    rows = ["| in this process, one torch thread | CPU us (median of 5) |", "|---|---|"]
+    for k, label in names.items():
+        rows.append(f"| {label} | {ip[k]['median']:.1f} |")
+    for bsz in (1, 4, 16, 32):
+        rows.append(f"| the model with its memory, per image at batch {bsz} (backbone alone) | "
+                    f"{ip[f'predict_per_image_us_b{bsz}']['median']:.0f} "
+                    f"({ip[f'backbone_per_image_us_b{bsz}']['median']:.0f}) |")
+    rows += ["", "| over HTTP, default server, hey, 32 clients | requests/s | server CPU us / request |",
+             "|---|---|---|"]
+    for k, label in (("healthz", "GET /healthz"), ("refused_predict_422", "POST /predict refused after its JSON "
+                                                                           "is parsed (422)"),
+                     ("predict", "POST /predict")):
+        rows.append(f"| {label} | {http[k]['rps']['median']:.0f} | {http[k]['cpu_us_per_request']['median']:.0f} |")
+    lit = b["litserve_us_at_32_clients"]
+    rows += ["", f"A server spending nothing beyond the refused request, one decode and the model at batch 16 would "
+                 f"cost **{b['floor_us']:.0f} us** per request; this service costs {b['ours_us']:.0f} us; LitServe "
+                 f"at its best (load record, 32 clients) {lit['wrk']:.0f} us (wrk) / {lit['hey']:.0f} us (hey). "
+                 f"Best possible ratio over LitServe in requests/s on these cores: "
+                 f"**{b['best_possible_ratio']['wrk']:.2f}x / {b['best_possible_ratio']['hey']:.2f}x**; at this "
+                 f"service's measured cost {b['ratio_at_measured_cost']['wrk']:.2f}x / "
+                 f"{b['ratio_at_measured_cost']['hey']:.2f}x."]
+    return "\n".join(rows)
+
+
+def png_decoders_table() -> str:
+    r = load("png-decoders")
+    if r is None:
+        return "(png-decoders not run)"
+    res = r["results"]
+    rows = [f"`.venv/bin/python bench/png_decoders.py`: the {res['file_bytes'] / 1024:.0f} KB file, "
+            f"{res['filtered_bytes'] / 2**20:.0f} MB of filtered rows; CPU ms, median of 5 (min-max).", "",
+            "| step | CPU ms |", "|---|---|"]
+    for name, t in res["cpu_ms"].items():
+        rows.append(f"| {name} | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) |")
+    return "\n".join(rows)
+
+
 def retrieval_table() -> str:
     r = load("retrieval_scale")
     if r is None:
@@ -491,7 +537,8 @@ if __name__ == "__main__":
                 "service": service_table, "service-headline": service_headline, "crash": crash_table,
                 "roundtrip": roundtrip_lines, "reliability": reliability_table, "early-exit": early_exit_table,
                 "load": load_table, "retrieval": retrieval_table, "memory-scale": memory_scale_table,
-                "hostile": hostile_table,
+                "hostile": hostile_table, "png-decoders": png_decoders_table,
+                "request-cost": request_cost_table,
                 "online-fashion-mnist": lambda: online_table("fashion-mnist"),
                 "online-cifar10": lambda: online_table("cifar10"), "online-ablation": online_ablation_table,
                 "shift": shift_table, "policy-grid-fashion-mnist": lambda: policy_grid_table("fashion-mnist"),
