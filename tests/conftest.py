@@ -1,3 +1,4 @@
+import gc
 import io
 
 import pytest
@@ -38,3 +39,12 @@ def images():
         Image.fromarray(ds.test.images[i, 0].numpy()).save(buf, format="PNG")
         out.append((buf.getvalue(), ds.classes[int(ds.test.labels[i])]))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _collectable_after_each_test():
+    """An app started in this process freezes every object alive at its start-up out of the
+    garbage collector's reach (right for a server process); in the test process that would
+    keep earlier tests' apps, stores and connections forever. Undone after each test."""
+    yield
+    gc.unfreeze()

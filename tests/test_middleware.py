@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import time
 
 from service.web.middleware import BalanceConnections, WorkerCounts
 
@@ -48,3 +49,13 @@ def test_connections_idle_past_the_window_are_not_counted(tmp_path):
     assert counts.update(seen, now=10.2)[0] == 1 and list(seen) == [("h", 2)]
     counts.close()
     assert not (tmp_path / f"{os.getpid()}.connections").exists()
+
+
+def test_a_process_silent_for_a_window_counts_as_holding_no_connections(tmp_path):
+    other = tmp_path / f"{os.getppid()}.connections"
+    other.write_text("16")  # its count from a busy moment, not rewritten since
+    old = time.time() - 5
+    os.utime(other, (old, old))
+    app = BalanceConnections(ok_app, WorkerCounts(tmp_path, window=1.0, period=0.0))
+    closed = [b"connection" in answer(app, ("127.0.0.1", port)) for port in range(1000, 1004)]
+    assert closed == [False, False, True, True]  # as if the other held none, not 16

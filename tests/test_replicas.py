@@ -581,13 +581,15 @@ def test_two_workers_share_a_burst_of_keep_alive_connections_evenly(model_store,
             c.request("GET", "/memory")  # reopened by http.client after Connection: close
             return json.loads(c.getresponse().read())["pid"]
 
-        with ThreadPoolExecutor(len(conns)) as pool:
-            deadline = time.monotonic() + 4
-            while time.monotonic() < deadline:
-                last = list(pool.map(ask, conns))
+        try:
+            with ThreadPoolExecutor(len(conns)) as pool:
+                deadline = time.monotonic() + 4
+                while time.monotonic() < deadline:
+                    last = list(pool.map(ask, conns))
+        finally:
+            for c in conns:
+                c.close()
         per_worker = sorted(Counter(last).values())
-        assert len(per_worker) == 2 and per_worker[0] >= 6, per_worker  # at most 9 of 16 on one
-        for c in conns:
-            c.close()
+        assert len(per_worker) == 2 and per_worker[0] >= 7, per_worker  # at most the mean + 1 = 9 of 16 on one
     finally:
         w.stop()

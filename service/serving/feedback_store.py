@@ -429,7 +429,7 @@ class SqliteStore(FeedbackStore):
         # "database is locked" at once, without waiting, when another process is doing it
         with open(self.path.with_name(self.path.name + ".open-lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.exists():
+            if self.path.exists():  # inside the lock too: a reader would make another's WAL switch fail
                 self._check_file()
             try:
                 super().__init__(f"sqlite:///{self.path}")

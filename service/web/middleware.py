@@ -88,7 +88,9 @@ class BalanceConnections:
     process counts the connections it answered in the last second and publishes the count
     (`WorkerCounts`); a process over the mean + 1 answers the request with
     `Connection: close`, and the client reconnects, landing on either process, until the
-    counts even out. One process, or none published: nothing is closed."""
+    counts even out. One process, or none published: nothing is closed. Connections are told
+    apart by the client's address and port; behind a proxy uvicorn trusts (FORWARDED_ALLOW_IPS)
+    that is the forwarded address with port 0, and all of one client's connections count as one."""
 
     def __init__(self, app, counts: "WorkerCounts | None"):
         self.app, self.counts = app, counts
@@ -146,7 +148,9 @@ class WorkerCounts:
                 if not _alive(pid):
                     f.unlink(missing_ok=True)  # a worker that died without cleaning up
                     continue
-                counts.append(int(f.read_text()))
+                # a process publishes only when it answers: one silent for a window holds none
+                idle = time.time() - f.stat().st_mtime > self.window
+                counts.append(0 if idle else int(f.read_text()))
             except (OSError, ValueError):  # gone meanwhile (a worker stopped), or not ours
                 continue
         return sum(counts) / len(counts) if len(counts) > 1 else float("inf")
