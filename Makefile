@@ -71,8 +71,10 @@ bench-perf: install data
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/load.py --seconds 8 --repeats 2
 	$(PY) bench/load.py --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json --record load-one-client
+	$(PY) bench/request_cost.py
 	$(PY) bench/memory_scale.py
 	$(PY) bench/hostile_images.py --seconds 8 --before 26a59f0
+	$(PY) bench/png_decoders.py
 	$(PY) bench/retrieval_scale.py
 	bench/train_models.sh fashion-mnist-poolnet && bench/train_models.sh fashion-mnist-stage1 && bench/train_models.sh fashion-mnist-stage2
 	bench/train_models.sh cifar10-stage1 && bench/train_models.sh cifar10-stage2
