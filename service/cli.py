@@ -229,16 +229,14 @@ def serve(ns: argparse.Namespace) -> int:
     share = str(max(1, usable_cores() // ns.workers))  # each process's part of the cores
     os.environ.setdefault("OMP_NUM_THREADS", share)
     os.environ.setdefault("DECODE_THREADS", share)  # images decoded at once: the cores, over all processes
-    # one /metrics for all processes: prometheus_client's multiprocess mode, in a folder of
-    # this server's own (emptied first: values of an earlier run must not be summed in)
-    metrics_dir = Path(config.state_dir) / f"prometheus-{ns.port}"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
-    counts_dir = Path(config.state_dir) / f"connections-{ns.port}"  # BalanceConnections: per-process counts
-    shutil.rmtree(counts_dir, ignore_errors=True)
-    counts_dir.mkdir(parents=True)
-    os.environ["WORKER_COUNTS_DIR"] = str(counts_dir.resolve())
+    # folders the processes share, this server's own, emptied first (an earlier run's values
+    # must not be summed in): one /metrics for all processes (prometheus_client's
+    # multiprocess mode), and their connection counts (BalanceConnections)
+    for env, name in (("PROMETHEUS_MULTIPROC_DIR", "prometheus"), ("WORKER_COUNTS_DIR", "connections")):
+        folder = Path(config.state_dir) / f"{name}-{ns.port}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        os.environ[env] = str(folder.resolve())
     uvicorn.run("service.web.app:app", host=ns.host, port=ns.port, log_level=ns.log_level, workers=ns.workers,
                 timeout_graceful_shutdown=30, timeout_keep_alive=5)
     return 0

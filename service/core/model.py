@@ -235,7 +235,7 @@ class EnhancedClassifier(nn.Module):
         TAUGHT_PER_LABEL of each label, so that the fit's cost stays bounded."""
         policy = self.policy if policy is None else policy
         if self.taught is None or self.memory is None or not policy.taught_rows:
-            slots = slots[:0]
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)  # no rows to fit
         slots = slots[torch.argsort(self.memory.written_at[slots], descending=True, stable=True)]
         labels = self.memory.labels[slots]
         rank = torch.zeros_like(labels)

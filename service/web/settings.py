@@ -4,10 +4,13 @@ serve` flags of the same names, which take precedence. Each field's description 
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..core.routing import RoutingPolicy
 
 
 def usable_cores() -> int:
@@ -75,7 +78,4 @@ class ServiceConfig(BaseSettings):
 
     def policy_overrides(self) -> dict:
         """The routing-policy fields set explicitly (the rest come from the model's manifest)."""
-        return {k: getattr(self, k) for k in ("confidence_threshold", "new_class_threshold", "class_balance",
-                                             "neighbours", "taught_rows", "taught_bias", "correction_bias",
-                                             "taught_l2")
-                if getattr(self, k) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(RoutingPolicy) if getattr(self, f.name) is not None}
