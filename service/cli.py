@@ -1,27 +1,63 @@
-"""One entry point: `python -m service {train,serve} ...`.
+"""One entry point: `python -m service {train,retrofit,serve,feedback export} ...`.
 
-Flags are generated from the config dataclasses; each field's docstring is its --help.
-The web stack is imported only when `serve` runs, so training needs none of it.
+Every settings flag comes from one generator, `add_flags`, fed `Flag`s (name, type, default,
+help): `dataclass_flags` makes them from a config dataclass's fields (TrainConfig,
+ClassifierConfig, RoutingPolicy; each field's docstring is its --help), `settings_flags` from
+the pydantic ServiceConfig's (each field's description; left unset, the environment decides).
+No list of fields is kept here: a field added to a config is a flag.
+
+`serve --workers N` resolves its settings once (environment, then flags) and hands them to
+every server process as one JSON document (ServiceConfig.to_environment); each process builds
+its app with uvicorn's factory, service.web.app:create_app_from_environment. The web stack is
+imported only when `serve` runs, so training needs none of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import shutil
 import ast
 import dataclasses
 import inspect
+import logging
+import os
+import shutil
 import sys
 import textwrap
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 
 from .core.model import ClassifierConfig
 from .core.routing import RoutingPolicy
 from .web.settings import ServiceConfig, usable_cores
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag, --<name with dashes>, parsed into the namespace's `name`."""
+    name: str
+    annotation: typing.Any  # the field's type: bool, int, float, str, X | None, list[X], tuple[X, ...], Literal[...]
+    default: typing.Any  # what argparse gives when the flag is absent
+    help: str
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Iterable[Flag]) -> None:
+    """The one flag generator: a bool is --x / --no-x, a list or tuple takes any number of
+    values, a Literal its choices; `X | None` parses as X."""
+    for f in flags:
+        base = f.annotation
+        if typing.get_origin(base) in (typing.Union, types.UnionType):  # X | None
+            base = next(a for a in typing.get_args(base) if a is not type(None))
+        if typing.get_origin(base) is typing.Literal:
+            parsing = dict(choices=list(typing.get_args(base)))
+        elif base is bool:
+            parsing = dict(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(base) in (list, tuple):
+            parsing = dict(nargs="*", type=typing.get_args(base)[0])
+        else:
+            parsing = dict(type=base)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, help=f.help, **parsing)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -35,25 +71,25 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
+def dataclass_flags(cls: type, skip: Iterable[str] = (), unset: str | None = None) -> list[Flag]:
+    """A flag per field of a config dataclass, defaulting to the field's default; with `unset`,
+    to None instead (the caller keeps what it has; `unset` says what in --help)."""
+    docs, hints, skip = field_docs(cls), typing.get_type_hints(cls), set(skip)
+    flags = []
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        if base is bool:
-            parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        elif typing.get_origin(hint) is list or typing.get_origin(base) is list:
-            parser.add_argument(flag, dest=f.name, default=default, nargs="*", help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=default, type=base, help=help_text)
+        shown = default if unset is None else unset
+        flags.append(Flag(f.name, hints[f.name], default if unset is None else None,
+                          f"{docs.get(f.name, '')} (default: {shown})"))
+    return flags
+
+
+def settings_flags(cls) -> list[Flag]:
+    """A flag per field of a pydantic-settings class; left unset (None), the environment decides."""
+    return [Flag(name, f.annotation, None, f"{f.description} (env {name.upper()}, default: {f.default})")
+            for name, f in cls.model_fields.items()]
 
 
 def pick(cls: type, ns: argparse.Namespace):
@@ -61,22 +97,24 @@ def pick(cls: type, ns: argparse.Namespace):
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
-# the routing policy's online-learning settings, which `retrofit` may set on a trained model
-ONLINE_POLICY = ("new_class_threshold", "class_balance", "taught_rows", "taught_bias", "correction_bias", "taught_l2")
-
-# fields of ClassifierConfig that training takes from the data set
-DERIVED = ("num_classes", "in_chans", "image_size", "memory_classes")
+# the routing settings `retrofit` may set on a trained model: all but the threshold, which
+# training chose on its validation split
+RETROFIT_POLICY = [f.name for f in dataclasses.fields(RoutingPolicy) if f.name != "confidence_threshold"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .core.train import TrainConfig
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .core.train import FROM_DATASET, TrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m service", description="Memory-augmented image classifier.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a model and write it to the model store")
-    add_dataclass_args(p_train, TrainConfig)
-    add_dataclass_args(p_train, ClassifierConfig, skip=DERIVED)
-    add_dataclass_args(p_train, RoutingPolicy)
+    add_flags(p_train, dataclass_flags(TrainConfig) + dataclass_flags(ClassifierConfig, skip=FROM_DATASET)
+              + dataclass_flags(RoutingPolicy))
     p_train.add_argument("--feedback-db", default=None,
                          help="fold the examples users taught (not forgotten) into the training split: a feedback "
                               "store URL (postgresql://... or sqlite:///path/feedback.db); class names included")
@@ -89,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p_retrofit.add_argument("--replay-per-class", type=int, default=100,
                             help="training images per class whose features the model keeps (default: 100)")
     p_retrofit.add_argument("--data-dir", default=None, help="where the data set is (as for train)")
-    for f in ONLINE_POLICY:  # the confidence threshold stays as training chose it
-        flag = "--" + f.replace("_", "-")
-        kind = dict(action=argparse.BooleanOptionalAction) if f == "taught_rows" else dict(type=float)
-        p_retrofit.add_argument(flag, dest=f, default=None, help=f"{field_docs(RoutingPolicy)[f]} (default: keep)",
-                                **kind)
+    add_flags(p_retrofit, dataclass_flags(RoutingPolicy, skip=("confidence_threshold",), unset="keep"))
     p_retrofit.set_defaults(func=retrofit)
 
     add_serve_parser(sub)
@@ -105,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--feedback-db", required=True, help="postgresql://... or sqlite:///path/feedback.db")
     p_export.add_argument("--out", required=True, help="folder to write")
     p_export.set_defaults(func=export_feedback)
-
-    ns = parser.parse_args(argv)
-    return ns.func(ns)
+    return parser
 
 
 def train(ns: argparse.Namespace) -> int:
@@ -145,10 +177,10 @@ def train(ns: argparse.Namespace) -> int:
 
 def retrofit(ns: argparse.Namespace) -> int:
     from .core.data import DatasetMissing
+    from .core.retrofit import retrofit_model
     from .core.store import ModelStoreError
-    from .core.train import retrofit_model
 
-    policy = {f: getattr(ns, f) for f in ONLINE_POLICY}
+    policy = {f: getattr(ns, f) for f in RETROFIT_POLICY}
     try:
         d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy)
     except (ValueError, DatasetMissing, ModelStoreError) as e:
@@ -171,32 +203,18 @@ def export_feedback(ns: argparse.Namespace) -> int:
     return 0
 
 
-def add_settings_args(parser: argparse.ArgumentParser, cls) -> None:
-    """Flags from a pydantic-settings class; left unset (None), the environment decides."""
-    for name, f in cls.model_fields.items():
-        base = f.annotation
-        if typing.get_origin(base) in (typing.Union, types.UnionType):  # X | None
-            base = next(a for a in typing.get_args(base) if a is not type(None))
-        if typing.get_origin(base) is typing.Literal:
-            kind = dict(choices=list(typing.get_args(base)))
-        elif base is bool:
-            kind = dict(action=argparse.BooleanOptionalAction)
-        else:
-            kind = dict(type=base)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                            help=f"{f.description} (env {name.upper()}, default: {f.default})", **kind)
-
-
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model from the store over HTTP (environment variables of the "
                                      "same names, upper-cased, are the defaults)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY") or usable_cores()),
-                   help="server processes, each a full copy of the model kept consistent through the feedback "
-                        "store, sharing the cores (env WEB_CONCURRENCY, default: the cores this process may use)")
-    add_settings_args(p, ServiceConfig)
+    workers = int(os.environ.get("WEB_CONCURRENCY") or usable_cores())
+    add_flags(p, [
+        Flag("host", str, "127.0.0.1", "address to bind (default: 127.0.0.1)"),
+        Flag("port", int, 8000, "port (default: 8000)"),
+        Flag("log_level", str, "info", "uvicorn log level (default: info)"),
+        Flag("workers", int, workers, "server processes, each a full copy of the model kept consistent through the "
+                                      "feedback store, sharing the cores (env WEB_CONCURRENCY, default: the cores "
+                                      "this process may use)"),
+        *settings_flags(ServiceConfig)])
     p.set_defaults(func=serve)
 
 
@@ -207,9 +225,8 @@ def serve(ns: argparse.Namespace) -> int:
     from .core.store import ModelStoreError, model_dir
     from .web.app import create_app
 
-    overrides = {f: getattr(ns, f) for f in ServiceConfig.model_fields if getattr(ns, f) is not None}
     try:
-        config = ServiceConfig(**overrides)
+        config = service_config(ns)
         model_dir(config.model_store, config.model_name)  # refuse a traversal before anything starts
     except (ValidationError, ModelStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -218,25 +235,39 @@ def serve(ns: argparse.Namespace) -> int:
     if ns.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
+    server = dict(host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=30,
+                  timeout_keep_alive=5)
     if ns.workers == 1:
-        uvicorn.run(create_app(config), host=ns.host, port=ns.port, log_level=ns.log_level,
-                    timeout_graceful_shutdown=30, timeout_keep_alive=5)
+        uvicorn.run(create_app(config), **server)
         return 0
-    # several processes: each builds the app from the environment (the flags given here are
-    # passed down as their variables) and shares the cores instead of each taking them all
-    for name in overrides:
-        os.environ[name.upper()] = str(overrides[name])
-    share = str(max(1, usable_cores() // ns.workers))  # each process's part of the cores
-    os.environ.setdefault("OMP_NUM_THREADS", share)
-    os.environ.setdefault("DECODE_THREADS", share)  # images decoded at once: the cores, over all processes
-    # folders the processes share, this server's own, emptied first (an earlier run's values
-    # must not be summed in): one /metrics for all processes (prometheus_client's
-    # multiprocess mode), and their connection counts (BalanceConnections)
+    prepare_worker_environment(config, ns.workers, ns.port)
+    uvicorn.run("service.web.app:create_app_from_environment", factory=True, workers=ns.workers, **server)
+    return 0
+
+
+def service_config(ns: argparse.Namespace) -> ServiceConfig:
+    """The environment's settings, the flags given over them."""
+    return ServiceConfig(**{f: getattr(ns, f) for f in ServiceConfig.model_fields if getattr(ns, f) is not None})
+
+
+def prepare_worker_environment(config: ServiceConfig, workers: int, port: int) -> ServiceConfig:
+    """Set up the environment `workers` server processes inherit; returns the settings they get.
+
+    Each process takes its share of the cores instead of them all: OMP_NUM_THREADS (torch
+    reads it when a process imports it, so it must be in the environment) and DECODE_THREADS,
+    unless given. Folders the processes share, this server's own, are emptied first (an
+    earlier run's values must not be summed in): one /metrics for all processes
+    (prometheus_client's multiprocess mode reads PROMETHEUS_MULTIPROC_DIR at import) and
+    their connection counts (BalanceConnections, WORKER_COUNTS_DIR). The settings themselves
+    go as one JSON document (ServiceConfig.to_environment), read by each process's factory."""
+    share = max(1, usable_cores() // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+    if config.decode_threads is None:  # images decoded at once: the cores, over all processes
+        config = config.model_copy(update={"decode_threads": share})
     for env, name in (("PROMETHEUS_MULTIPROC_DIR", "prometheus"), ("WORKER_COUNTS_DIR", "connections")):
-        folder = Path(config.state_dir) / f"{name}-{ns.port}"
+        folder = Path(config.state_dir) / f"{name}-{port}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         os.environ[env] = str(folder.resolve())
-    uvicorn.run("service.web.app:app", host=ns.host, port=ns.port, log_level=ns.log_level, workers=ns.workers,
-                timeout_graceful_shutdown=30, timeout_keep_alive=5)
-    return 0
+    config.to_environment()
+    return config

@@ -1,10 +1,45 @@
+import atexit
+import copy
 import gc
 import io
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+import tests.helpers
 from service.core.model import ClassifierConfig, EnhancedClassifier
+
+_save_tiny_model = tests.helpers.save_tiny_model
+_tiny_models: dict = {}  # save_tiny_model's arguments -> (its saved folder, torch's RNG state after, the model)
+_tiny_folder = Path(tempfile.mkdtemp(prefix="tiny-models-"))
+atexit.register(shutil.rmtree, _tiny_folder, True)
+
+
+def _save_tiny_model_once(store, name="tiny", *args, **kw):
+    """tests.helpers.save_tiny_model, run once per set of arguments and then copied: embedding
+    its prefill and replay images costs ~0.8 s, and most in-process API tests save one. The
+    same files land in `store`, and torch's random state is left as the call leaves it."""
+    try:
+        key = (name, args, tuple(sorted(kw.items())))
+        hash(key)
+    except TypeError:  # an argument that cannot be a key: the call itself
+        return _save_tiny_model(store, name, *args, **kw)
+    if key not in _tiny_models:
+        model = _save_tiny_model(store, name, *args, **kw)
+        saved = _tiny_folder / str(len(_tiny_models))
+        shutil.copytree(Path(store) / name, saved)
+        _tiny_models[key] = (saved, torch.get_rng_state(), model)
+        return model
+    saved, rng, model = _tiny_models[key]
+    shutil.copytree(saved, Path(store) / name, dirs_exist_ok=True)
+    torch.set_rng_state(rng)
+    return copy.deepcopy(model)
+
+
+tests.helpers.save_tiny_model = _save_tiny_model_once  # before the test modules import it
 
 
 @pytest.fixture

@@ -110,7 +110,7 @@ def test_a_request_gets_the_same_answer_alone_or_in_a_batch(tmp_path, exit_stage
     save_tiny_model(tmp_path / "store", exit_stage=exit_stage, exit_dim=16)
     rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
     x = torch.randn(12, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    rt.commit_feedback(rt.embed(x[:4]), "Novel", [Upload(b"png %d" % i, "image/png") for i in range(4)])
+    rt.submit_feedback(rt.embed(x[:4]), "Novel", [Upload(b"png %d" % i, "image/png") for i in range(4)])
     # a third of the requests answer from memory
     alone = [rt.predict(x[i:i + 1]) for i in range(12)]
 

@@ -2,9 +2,11 @@
 against a real server process serving the default model on real Fashion-MNIST images: its
 answers are /predict's answers, and bad requests get the protocol's error with a 4xx."""
 
+import base64
 import gzip
 import io
 import json
+import os
 import signal
 
 import httpx
@@ -15,7 +17,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from bench.live import Server
+from testkit.live import Server
+
+pytestmark = pytest.mark.server
 
 MODEL = "fashion-mnist"
 MAX_FILES = 8
@@ -58,7 +62,6 @@ def bytes_input(pngs, binary=True):
     if binary:  # tritonclient's default: the binary tensor data extension
         inp.set_data_from_numpy(np.array(pngs, dtype=np.object_))
     else:  # JSON strings cannot carry raw bytes: base64 text
-        import base64
         inp.set_data_from_numpy(np.array([base64.b64encode(p).decode() for p in pngs], dtype=np.object_),
                                 binary_data=False)
     return inp
@@ -138,6 +141,11 @@ def test_a_gzipped_request_is_inflated_but_never_past_the_upload_limit(live, cli
     assert_same_answers(result, predict_answers(live.url, pngs))
     bomb = gzip.compress(b"{" + b" " * (2 * MAX_UPLOAD) + b"}")  # a few kB that inflate past the limit
     r = httpx.post(f"{live.url}/v2/models/{MODEL}/infer", content=bomb, headers={"content-encoding": "gzip"})
+    # stopped sooner: past 20 times its size (and past what any valid request holds)
+    assert r.status_code == 413 and "more than 20 times its" in r.json()["error"]
+    text = gzip.compress(b'{"id": "' + base64.b64encode(os.urandom(900_000)) + b'"}')  # hardly compressed
+    assert len(text) < MAX_UPLOAD
+    r = httpx.post(f"{live.url}/v2/models/{MODEL}/infer", content=text, headers={"content-encoding": "gzip"})
     assert r.status_code == 413 and "upload limit" in r.json()["error"]
 
 
@@ -172,6 +180,8 @@ def test_inference_counts_in_the_prediction_metrics(live, client, images):
     before = total()
     client.infer(MODEL, [bytes_input([d for d, _ in images[20:23]])])
     assert total() == before + 3
+    client.infer(MODEL, [tensor_input(pixels([d for d, _ in images[23:25]]), "UINT8")])
+    assert total() == before + 5
 
 
 def test_unknown_model_or_version_gets_404(client, images, version):

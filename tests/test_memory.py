@@ -315,24 +315,25 @@ def test_held_per_class_follows_writes_forgets_and_loads(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(MEMORIES))
-def test_state_pieces_give_the_state_as_of_their_start_while_writes_go_on(kind):
+def test_a_consistent_read_gives_the_state_as_of_its_start_while_writes_go_on(kind):
     import threading
+
+    from service.serving.consistent_read import ConsistentRead
     g = torch.Generator().manual_seed(1)
     m = make(kind, capacity=50, dim=4, classes=3, sim_threshold=1.0)
     m.update(torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g))
     lock = threading.RLock()
     with lock:
         before = {k: v.clone() for k, v in m.state_dict().items()}
-        cow = m.begin_copy_on_write()
+        read = ConsistentRead(m, lock, rows=7)
     got: dict[str, list] = {}
-    for i, (name, piece) in enumerate(m.state_pieces(cow, lock, rows=7)):
+    for i, (name, piece) in enumerate(read.pieces()):
         got.setdefault(name, []).append(piece)
         with lock:  # writes between the pieces: new slots, replacements, forgets
             m.update(torch.randn(3, 4, generator=g), torch.randint(0, 3, (3,), generator=g))
             if i % 4 == 0:
                 m.forget(torch.tensor([i % 50]))
-    with lock:
-        m.end_copy_on_write(cow)
+    assert m.before_write == []  # read to the end: no longer saving rows
     assert list(got) == list(m.state_layout())
     for name, pieces in got.items():
         assert torch.equal(torch.cat(pieces) if before[name].dim() else pieces[0], before[name]), name

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -17,7 +18,11 @@ def test_cli_has_train_and_serve():
     assert r.returncode == 0 and "train" in r.stdout and "serve" in r.stdout
 
 
-def test_asgi_app_is_importable_for_uvicorn():
-    code = "import service.web.app as m; from fastapi import FastAPI; assert isinstance(m.app, FastAPI)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_uvicorn_factory_builds_the_app_from_the_environment():
+    """`uvicorn --factory service.web.app:create_app_from_environment`, as uvicorn resolves it."""
+    code = ("from fastapi import FastAPI; from uvicorn.importer import import_from_string; "
+            "app = import_from_string('service.web.app:create_app_from_environment')(); "
+            "assert isinstance(app, FastAPI); print(app.state.service.config.top_k)")
+    env = {k: v for k, v in os.environ.items() if k != "SERVICE_CONFIG_JSON"} | {"TOP_K": "3"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr

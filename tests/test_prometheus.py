@@ -8,8 +8,10 @@ import httpx
 import pytest
 import yaml
 
-from bench.live import ROOT, Server, free_port
+from testkit.live import ROOT, Server, free_port
 from tests.test_server import AUTH, TOKEN, predict
+
+pytestmark = pytest.mark.server
 
 
 def tool(name):

@@ -34,8 +34,10 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.live import ROOT, Server, free_port
-from bench.postgres import Postgres, wait_until
+from testkit.live import ROOT, Server, free_port
+from testkit.postgres import Postgres, wait_until
+
+pytestmark = [pytest.mark.server, pytest.mark.postgres]
 
 TOKEN = "replica-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -405,6 +407,7 @@ def test_three_replicas_on_postgresql_converge_under_mixed_traffic(servers, pg, 
     run_clients(32, urls, traffic, seconds=13, mix=MIXED, seed=1)
     assert_clean(traffic, tuple(MIXED))
     assert traffic.replays > 0 and traffic.forgotten and len(traffic.acked) > 20, traffic.status
+    assert traffic.replay_body_differs == 0  # a retry gets the first answer byte for byte
     assert all(r.alive() for r in replicas)
 
     mems = wait_converged(urls)
@@ -566,6 +569,115 @@ def test_postgresql_outage_refuses_feedback_with_503_and_keeps_predicting(server
     assert_same_state(mems)
     assert all(m["feedback_items"] == len(acked) for m in mems)
     assert mems[0]["applied_seq"] == max(ids)
+
+
+def test_a_10_s_postgresql_outage_under_load_loses_no_acknowledged_feedback_and_applies_none_twice(
+        servers, own_pg, tmp_path):
+    """Clients keep teaching through a 10 s outage and retry what failed: keyed requests with
+    their key until answered; unkeyed ones only when the answer said nothing was written.
+    Afterwards every acknowledged example is in the log and held, and no image is in the
+    log twice."""
+    s = servers(tmp_path / "a", FEEDBACK_DB=own_pg.url).start()
+    lock, acked, unknown = threading.Lock(), {}, []
+    status: Counter = Counter()
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        rng, nrng = random.Random(seed), np.random.default_rng(seed)
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                png, label = random_png(nrng), rng.choice(LABELS)
+                key = uuid.uuid4().hex if rng.random() < 0.5 else None
+                for attempt in range(200):
+                    try:
+                        r = post_feedback(c, s.url, [png], label, key)
+                    except httpx.HTTPError:
+                        r = None
+                    with lock:
+                        status[r.status_code if r is not None else "error"] += 1
+                    if r is not None and r.status_code == 200:
+                        with lock:
+                            acked[r.json()["items"][0]["feedback_id"]] = (png, label)
+                        break
+                    nothing_written = r is not None and r.status_code == 503 and \
+                        r.json()["error"] == "feedback_store_unavailable"
+                    if key is None and not nothing_written:  # the outcome is unknown: not safe to resend
+                        with lock:
+                            unknown.append(png)
+                        break
+                    time.sleep(0.2)
+
+    threads = [threading.Thread(target=client, args=(500 + i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(4)
+        own_pg.stop()
+        time.sleep(10)
+        own_pg.start()
+        time.sleep(6)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert status[503] > 0 and status[200] > 20, status
+    import psycopg
+
+    with psycopg.connect(own_pg.url) as conn:
+        rows = conn.execute("SELECT l.seq, i.sha256 FROM log l JOIN images i ON i.seq = l.seq "
+                            "WHERE l.kind = 'example'").fetchall()
+    shas = Counter(sha for _, sha in rows)
+    assert max(shas.values()) == 1, [sha for sha, n in shas.items() if n > 1]  # nothing applied twice
+    in_log = {seq for seq, _ in rows}
+    assert set(acked) <= in_log, sorted(set(acked) - in_log)
+    unacked = in_log - set(acked)  # committed, never acknowledged: only outcome-unknown requests
+    assert len(unacked) <= len(unknown), (len(unacked), len(unknown), status)
+    mems = wait_converged([s.url])
+    assert mems[0]["feedback_items"] == len(in_log)
+    ids = sorted(acked)
+    for fid, p in zip(ids, predict_many(s.url, [acked[i][0] for i in ids])):
+        assert p["path"] == "memory" and p["nearest"]["feedback_id"] == fid, (fid, p)
+    print(json.dumps({"status": {str(k): n for k, n in status.items()}, "acked": len(acked),
+                      "unknown": len(unknown), "committed_unacked": len(unacked)}))
+
+
+def test_two_replicas_of_two_workers_stay_within_30_postgresql_connections_under_32_clients(model_store, tmp_path):
+    folder = tempfile.mkdtemp(prefix="test-replicas-pg30-")
+    try:
+        with Postgres(folder, settings={"max_connections": "30"}) as pg:
+            url = database(pg, "bounded")
+            replicas = [Workers(tmp_path / f"r{i}", model_store, workers=2, FEEDBACK_DB=url) for i in range(2)]
+            try:
+                with ThreadPoolExecutor(2) as ex:
+                    list(ex.map(lambda w: w.start(), replicas))
+                traffic = Traffic()
+                peak = {"n": 0}
+                done = threading.Event()
+
+                def watch():
+                    import psycopg
+                    with psycopg.connect(pg.url, autocommit=True) as conn:
+                        while not done.is_set():
+                            n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = 'bounded'")
+                            peak["n"] = max(peak["n"], n.fetchone()[0])
+                            time.sleep(0.1)
+                watcher = threading.Thread(target=watch)
+                watcher.start()
+                try:
+                    run_clients(32, [w.url for w in replicas], traffic, seconds=10, mix=MIXED, seed=7)
+                finally:
+                    done.set()
+                    watcher.join(10)
+                assert_clean(traffic, tuple(MIXED))
+                assert peak["n"] <= 2 * 2 * (4 + 1), peak  # replicas x workers x (pool + listener)
+                print(json.dumps({"status": {f"{k} {c}": n for (k, c), n in sorted(traffic.status.items())},
+                                  "peak_connections": peak["n"]}))
+            finally:
+                for w in replicas:
+                    w.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_two_workers_share_a_burst_of_keep_alive_connections_evenly(model_store, tmp_path):

@@ -16,6 +16,8 @@ from service.serving.export import export_imagefolder, taught_examples
 from service.serving.feedback_store import Upload
 from service.serving.runtime import ModelRuntime
 
+pytestmark = pytest.mark.slow  # trains models on Fashion-MNIST
+
 NEW = "Bag"
 
 
@@ -58,7 +60,7 @@ def test_a_new_model_version_re_embeds_what_users_taught(tmp_path, data):
 
     a = ModelRuntime(tmp_path / "a", "fm", tmp_path / "state")
     x = normalize(data.train.images[shots], a.loaded.input.mean, a.loaded.input.std)
-    a.commit_feedback(a.embed(x), NEW, [Upload(png(im), "image/png") for im in data.train.images[shots]])
+    a.submit_feedback(a.embed(x), NEW, [Upload(png(im), "image/png") for im in data.train.images[shots]])
     recall_a = recall(a, held_out)
     a.close()
 
@@ -77,7 +79,7 @@ def test_training_folds_taught_examples_in_and_export_writes_them(tmp_path, data
     rt = ModelRuntime(tmp_path / "a", "fm", tmp_path / "state")
     idx = (data.train.labels == data.classes.index(NEW)).nonzero().squeeze(1)[:12]
     x = normalize(data.train.images[idx], rt.loaded.input.mean, rt.loaded.input.std)
-    r = rt.commit_feedback(rt.embed(x), NEW, [Upload(png(im), "image/png") for im in data.train.images[idx]])
+    r = rt.submit_feedback(rt.embed(x), NEW, [Upload(png(im), "image/png") for im in data.train.images[idx]])
     rt.forget(r.outcomes[0].feedback_id)  # forgotten: neither folded in nor exported
     images, labels = taught_examples(rt.store, InputSpec(28, 1, [0.0], [1.0]))
     assert labels == [NEW] * 11 and torch.equal(images, data.train.images[idx[1:]])

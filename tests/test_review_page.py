@@ -19,7 +19,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bench.live import ROOT, Server
+from testkit.live import ROOT, Server
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 TOKEN = "review-page-token"
 SHOTS = ROOT / "docs"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.serving.feedback_store import FeedbackStoreError, SqliteStore, StoreUnavailable, Upload
+from service.serving.feedback_store import FeedbackStoreError, StoreUnavailable, Upload
+from service.serving.sqlite_store import SqliteStore
 from service.serving.runtime import ModelRuntime
 from service.serving.vocabulary import LabelError
 from tests.helpers import save_tiny_model
@@ -41,7 +42,7 @@ def image(seed):
 
 def teach(rt, seeds, label, key=None):
     xs, pngs = zip(*(image(s) for s in seeds))
-    return rt.commit_feedback(rt.embed(torch.cat(xs)), label, [Upload(p, "image/png") for p in pngs], key)
+    return rt.submit_feedback(rt.embed(torch.cat(xs)), label, [Upload(p, "image/png") for p in pngs], key)
 
 
 def state(rt):
@@ -219,7 +220,6 @@ def test_a_snapshot_in_progress_blocks_neither_predictions_nor_feedback_and_reco
     # mid-snapshot: the memory lock is free, so predictions and feedback go through
     assert len(rt.predict(image(5)[0]).prediction.labels) == 1
     teach(rt, [2, 3], "Novel")
-    rt.forget(1)
     resume.set()
     writer.join(30)
     live = rt.state_hash()
@@ -244,6 +244,7 @@ def _open_store_at(path: str, start: float) -> str:
         return repr(e)
 
 
+@pytest.mark.slow  # 4 spawned processes
 def test_processes_creating_one_sqlite_store_at_once_all_open_it(tmp_path):
     # serve --workers N starts N processes on one fresh store: switching a new file to WAL
     # needs it alone, and SQLite answered "database is locked" without waiting

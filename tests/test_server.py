@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.live import ROOT, Server, free_port
+from testkit.live import ROOT, Server, free_port
+
+pytestmark = pytest.mark.server
 
 TOKEN = "server-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from service.serving.runtime import ModelRuntime
-from bench.live import ROOT, Server, copy_sqlite
+from testkit.live import ROOT, Server, copy_sqlite
 from tests.test_server import TOKEN
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 CLIENTS = 32
 NEW_CLASSES = ["Hat", "Scarf", "Glove", "Umbrella", "Belt"]

@@ -4,11 +4,11 @@ import torch
 
 from service.cli import main
 from service.core.data import Dataset, Split, augment, carve_validation, keep_classes, load_dataset, stratified_indices
-from service.core.model import ClassifierConfig
-from service.core.store import load_model
+from service.core.evaluation import choose_threshold, collect_predictions, evaluate, threshold_sweep
+from service.core.model import ClassifierConfig, EnhancedClassifier
 from service.core.routing import RoutingPolicy
-from service.core.train import (TrainConfig, build_model, choose_threshold, make_optimizer, run_training,
-                                threshold_sweep, train_step)
+from service.core.store import load_model
+from service.core.train import TrainConfig, classifier_for, make_optimizer, run_training, train_step
 
 
 def synthetic(n=256, classes=4, seed=0) -> Dataset:
@@ -28,7 +28,8 @@ def test_a_few_steps_lower_the_loss(memory):
     torch.manual_seed(0)
     ds = synthetic()
     tc = TrainConfig(batch_size=32, lr=0.05, precision="fp32")
-    model = build_model(tc, ClassifierConfig(memory=memory, memory_size=64), ds)
+    model = EnhancedClassifier(classifier_for(ClassifierConfig(memory=memory, memory_size=64), ds,
+                                              tc.extra_memory_classes))
     opt, _ = make_optimizer(model, tc, total_steps=100)
     x = (ds.train.images[:32].float() / 255 - 0.3) / 0.3
     y = ds.train.labels[:32]
@@ -41,6 +42,7 @@ def test_a_few_steps_lower_the_loss(memory):
         assert last[1] > 0 or memory == "cached"
 
 
+@pytest.mark.slow  # a training run
 def test_run_training_writes_model_and_reports(tmp_path):
     ds = synthetic()
     tc = TrainConfig(name="syn", store=str(tmp_path), epochs=3, batch_size=32, progress=False, precision="fp32",
@@ -54,11 +56,16 @@ def test_run_training_writes_model_and_reports(tmp_path):
     for f in ("manifest.json", "metrics.json", "metrics.csv", "training.png", "threshold_sweep.png",
               "threshold_sweep.json"):
         assert (d / f).exists(), f
+    assert report["model_dir"] == str(d.resolve())
     loaded = load_model(tmp_path, "syn")
     assert loaded.classes == ds.classes
-    x = (ds.test.images.float() / 255 - loaded.input.mean[0]) / loaded.input.std[0]
-    a, b = report["model"].eval().predict(x), loaded.model.predict(x)
-    assert torch.equal(a.labels, b.labels) and a.paths == b.paths
+    # the saved model is the one the report measured: the same test figures, evaluated as
+    # training evaluated them (its weights in channels_last, as they were then)
+    model = loaded.model.to(memory_format=torch.channels_last)
+    test = evaluate(collect_predictions(model, ds.test.images, loaded.input.mean, loaded.input.std,
+                                        loaded.policy), ds.test.labels, loaded.policy, len(ds.classes))
+    assert (test.accuracy, test.head_accuracy, test.memory_usage) == \
+        (report["final"]["test_accuracy"], report["final"]["test_head_accuracy"], report["final"]["memory_usage"])
 
 
 def test_threshold_sweep_usage_falls_as_threshold_rises():
@@ -95,6 +102,7 @@ def test_validation_split_is_disjoint_from_training_and_reproducible():
     assert torch.equal(val_idx, carve_validation(split, 20, seed=0)[2])
 
 
+@pytest.mark.slow  # a training run
 def test_training_chooses_the_threshold_on_validation_and_saves_the_policy(tmp_path):
     ds = synthetic()
     tc = TrainConfig(name="syn", store=str(tmp_path), epochs=1, batch_size=32, progress=False, precision="fp32",
@@ -155,8 +163,9 @@ def test_cifar10_binary_batches_are_read_without_pickle(tmp_path):
         load_cifar10(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow  # a training run
 def test_training_keeps_replay_features_and_retrofit_gives_an_older_model_the_same(tmp_path):
-    from service.core.train import retrofit_model
+    from service.core.retrofit import retrofit_model
 
     ds = synthetic()
     kw = dict(store=str(tmp_path), epochs=1, batch_size=32, progress=False, precision="fp32", flip=False,

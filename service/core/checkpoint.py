@@ -99,3 +99,21 @@ def load_checkpoint(folder: str | Path) -> tuple[int, dict] | None:
     if not tensor_path.exists() or sha256_file(tensor_path) != sha:
         raise CheckpointError(f"{tensor_path}: missing or its sha256 differs from {path}'s")
     return epoch, unflatten(tree, load_file(tensor_path))
+
+
+def restore_checkpoint(state: dict, fingerprint: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched,
+                       gen: torch.Generator, where: str) -> None:
+    """Load a checkpoint's state into a freshly built run (model, optimiser, schedule, the
+    global and the data-order RNG), refusing one written with other settings: `fingerprint`
+    is the settings of this run, flat, as the checkpoint recorded its own."""
+    saved = state["fingerprint"]
+    differ = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+    if differ:
+        raise CheckpointError(f"--resume: the checkpoint in {where} was written with other settings ("
+                              + ", ".join(f"{k}={saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ[:5])
+                              + "); pass the same flags, or leave out --resume to start afresh")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    gen.set_state(state["rng"]["generator"])

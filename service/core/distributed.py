@@ -11,8 +11,8 @@ process exactly as before; no process group is made.
   and the order of memory writes are those of one process, whatever the number of processes.
 - The network's gradients are averaged by DistributedDataParallel. The memory is not DDP's:
   its parameters and buffers are on DDP's ignore list (`wrap`), so DDP does not broadcast the
-  (M, D) memory from rank 0 before every forward (5 MB a step at 10,000 x 128; the gather below
-  moves B x (D + 1) floats, 66 KB at B = 128). forward_sync_buffers (once broadcast_buffers)
+  (M, D) memory from rank 0 before every forward (the gather below moves only the batch's
+  B x (D + 1) floats a step). forward_sync_buffers (once broadcast_buffers)
   stays on for the few kilobytes of batch-norm statistics. A trainable memory's parameters are
   averaged like the network's, by `average_gradients`.
 - One memory. Each step every process's features and labels are gathered (`gather_batch`: one

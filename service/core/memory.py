@@ -24,7 +24,7 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -67,13 +67,6 @@ class MemoryConfig:
 
 
 @dataclass
-class CopyOnWrite:
-    """A consistent read of the memory in progress (see Memory.begin_copy_on_write)."""
-    fixed: dict[str, torch.Tensor]  # entries without slot rows, copied at the start
-    rows: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # slot -> its rows before writes
-
-
-@dataclass
 class Retrieval:
     labels: torch.Tensor  # (B,) int64, EMPTY when the memory is empty
     confidence: torch.Tensor  # (B,) in [0, 1]
@@ -87,9 +80,6 @@ class UpdateReport:
     action: torch.Tensor  # (B,) SKIPPED / ADDED / REPLACED
     slot: torch.Tensor  # (B,) slot written, EMPTY when skipped
     previous_label: torch.Tensor  # (B,) label the slot held before (EMPTY if it was empty)
-
-    def names(self) -> list[str]:
-        return [ACTION_NAMES[int(a)] for a in self.action]
 
 
 class Memory(nn.Module):
@@ -114,7 +104,9 @@ class Memory(nn.Module):
         self.register_buffer("held_per_class", torch.zeros(config.num_classes, dtype=torch.int64), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module._recount())
         self.index: IVFIndex | None = None  # optional approximate search; derived, never saved
-        self._copy_on_write: list[CopyOnWrite] = []  # readers of a consistent state in progress
+        # called with the slots about to be written, before any write (serving's consistent
+        # reads save the rows they still need)
+        self.before_write: list = []
 
     # state_dict entries a memory saved by an earlier version may lack (left at their default)
     OPTIONAL_STATE = frozenset({"norms"})
@@ -160,58 +152,19 @@ class Memory(nn.Module):
         if new_labels is not None:
             self.held_per_class.add_(torch.bincount(new_labels, minlength=self.config.num_classes))
 
-    # --- reading a consistent state while writes go on (snapshots, state hashes) -------------
+    # --- the state, for readers of it (snapshots, state hashes) -------------------------------
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """The state_dict entries with one row per slot (keys, labels, written_at, values)."""
         return {k: v for k, v in self.state_dict(keep_vars=True).items()
                 if v.dim() >= 1 and v.shape[0] == self.capacity}
 
     def state_layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """(dtype, shape) of every state_dict entry, in name order (the order of `state_pieces`)."""
+        """(dtype, shape) of every state_dict entry, in name order."""
         return {k: (v.dtype, tuple(v.shape)) for k, v in sorted(self.state_dict().items())}
 
-    def begin_copy_on_write(self) -> "CopyOnWrite":
-        """Call under the lock that guards writes. From now on the first write to each slot
-        saves its rows as they were, so `state_pieces` can copy the memory a piece at a time
-        while writes go on and still give the state as of this call."""
-        cow = CopyOnWrite(fixed={k: v.detach().clone() for k, v in self.state_dict().items()
-                                 if not (v.dim() >= 1 and v.shape[0] == self.capacity)})
-        self._copy_on_write.append(cow)
-        return cow
-
-    def end_copy_on_write(self, cow: "CopyOnWrite") -> None:
-        """Call under the same lock."""
-        self._copy_on_write.remove(cow)
-
-    def state_pieces(self, cow: "CopyOnWrite", lock, rows: int = 4096):
-        """The state_dict as of `begin_copy_on_write`, as (name, tensor) pieces in `state_layout`
-        order: per-slot entries `rows` slots at a time. Each piece is copied under `lock` and
-        patched with the rows writes have replaced since; a reader of the memory waits at most
-        one piece's copy (a few milliseconds), never the whole memory's."""
-        live = {k: v.detach() for k, v in self.slot_tensors().items()}
-        for name in self.state_layout():
-            if name in cow.fixed:
-                yield name, cow.fixed[name]
-                continue
-            for start in range(0, self.capacity, rows):
-                stop = min(start + rows, self.capacity)
-                with lock:
-                    piece = live[name][start:stop].clone()
-                    for slot, before in cow.rows.items():
-                        if start <= slot < stop:
-                            piece[slot - start] = before[name]
-                yield name, piece
-
-    def _save_before_write(self, slots: torch.Tensor) -> None:
-        if not self._copy_on_write:
-            return
-        tensors = self.slot_tensors()
-        for s in slots.tolist():
-            before = None
-            for cow in self._copy_on_write:
-                if s not in cow.rows:
-                    before = before or {k: v.detach()[s].clone() for k, v in tensors.items()}
-                    cow.rows[s] = before
+    def _notify_before_write(self, slots: torch.Tensor) -> None:
+        for listener in self.before_write:
+            listener(slots)
 
     def similarity(self, features: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Cosine similarity of each query to every slot, (B, M), -inf for empty slots.
@@ -360,7 +313,7 @@ class Memory(nn.Module):
         if not slots.numel():
             return
         keys = F.normalize(features, dim=-1)
-        self._save_before_write(slots)
+        self._notify_before_write(slots)
         self._count_change(slots, labels)
         self._write(slots, keys, labels)
         self.norms[slots] = features.norm(dim=-1)
@@ -374,16 +327,17 @@ class Memory(nn.Module):
     @torch.no_grad()
     def forget(self, slots: torch.Tensor) -> None:
         """Empty these slots (a user withdrew the examples they held): they are never returned
-        again and the next write may fill them. Their keys stay as they were, masked."""
+        again and the next write may fill them. Every row they had (key, value, norm, age) is
+        zeroed, so no trace of the example stays in the state or in a snapshot of it."""
         slots = slots.to(torch.int64).unique()
         if not slots.numel():
             return
-        self._save_before_write(slots)
+        self._notify_before_write(slots)
         self._count_change(slots, None)
         if self.index is not None:
             self.index.remove(slots)
-        self.labels[slots] = EMPTY
-        self.written_at[slots] = 0
+        for name, rows in self.slot_tensors().items():
+            rows.data[slots] = EMPTY if name == "labels" else 0
 
     @torch.no_grad()
     def teach(self, features: torch.Tensor, labels: torch.Tensor,

@@ -39,6 +39,9 @@ class ImageLimits:
     """Largest decoded image (width x height) accepted; larger is refused before decoding."""
     max_side: int = 16384
     """Longest side accepted."""
+    max_costly_pixels: int | None = None
+    """Largest image (width x height) of a kind that costs several times more CPU per pixel
+    to decode than an 8-bit PNG (`costly_kind`). None: `max_pixels` alone applies."""
 
 
 def media_type(data: bytes) -> str:
@@ -58,22 +61,73 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Ten
     return (x - mean) / std
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone, for a request's pixel budget; (0, 0) when the
-    bytes are no image (decode_pixels says why)."""
+def image_header(data: bytes) -> tuple[int, int, str | None, str | None] | None:
+    """(width, height, format, costly_kind) from the header alone, for a request's budget;
+    None when the bytes are no image (decode_pixels says why)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data)).size
+            im = Image.open(io.BytesIO(data))
+            return *im.size, im.format, costly_kind(im)
     except Exception:
-        return 0, 0
+        return None
+
+
+JPEG_DISCOUNT = 16  # a large JPEG decodes at 1/4 to 1/8 scale (draft): a pixel costs ~1/16 of a PNG's
+
+
+def decode_cost(w: int, h: int, fmt: str | None, kind: str | None, limits: ImageLimits) -> int:
+    """What decoding an image costs, in pixels of 8-bit PNG: a costly kind's pixels count as
+    many times as its limit is below `max_pixels`, a JPEG's 1/JPEG_DISCOUNT of one."""
+    if kind and limits.max_costly_pixels:
+        return -(-w * h * limits.max_pixels // limits.max_costly_pixels)
+    if fmt in ("JPEG", "MPO"):
+        return w * h // JPEG_DISCOUNT
+    return w * h
+
+
+def check_limits(w: int, h: int, fmt: str | None, kind: str | None, limits: ImageLimits) -> None:
+    """ImageTooLarge, naming the limit, for an image whose decoding would cost too much
+    (from its header alone: nothing is decoded yet)."""
+    if w < 1 or h < 1 or max(w, h) > limits.max_side:
+        raise ImageTooLarge("image_too_large", f"image of {w}x{h} pixels: at most {limits.max_side} per side")
+    if kind and limits.max_costly_pixels is not None and w * h > limits.max_costly_pixels:
+        raise ImageTooLarge("image_too_large", f"{kind} image of {w}x{h} pixels exceeds the limit of "
+                            f"{limits.max_costly_pixels} pixels for 16-bit, interlaced, palette, GIF or "
+                            f"WebP images (they decode several times slower per pixel; send a smaller "
+                            f"image, or 8-bit PNG or JPEG)")
+    if decode_cost(w, h, fmt, kind, limits) > limits.max_pixels:
+        jpeg = fmt in ("JPEG", "MPO")
+        raise ImageTooLarge("image_too_large", f"image of {w}x{h} pixels exceeds the limit of "
+                            f"{limits.max_pixels * (JPEG_DISCOUNT if jpeg else 1)} pixels"
+                            + ("" if jpeg else f" ({limits.max_pixels * JPEG_DISCOUNT} for JPEG)"))
+
+
+def costly_kind(im: Image.Image) -> str | None:
+    """Why decoding this opened (not yet loaded) image costs several times more CPU per pixel
+    than an 8-bit PNG, from its header; None when it does not. "16-bit" (or wider samples:
+    more bytes to inflate, and Pillow's reduce takes none), "interlaced" (Adam7: seven
+    passes), "palette" or "1-bit" (expanded to full-size RGB or grey before shrinking), "GIF"
+    (LZW, whatever its mode), "WebP" (decoded at full size: Pillow cannot scale it)."""
+    rawmodes = [t.args if isinstance(t.args, str) else next((a for a in t.args or () if isinstance(a, str)), "")
+                for t in im.tile]
+    if im.mode in WIDE_MODES or im.mode.startswith("I;16") or any(";16" in r for r in rawmodes):
+        return "16-bit"
+    if im.info.get("interlace"):
+        return "interlaced"
+    if im.format in ("GIF", "WEBP"):
+        return {"GIF": "GIF", "WEBP": "WebP"}[im.format]
+    if im.mode in ("P", "PA", "1"):
+        return "1-bit" if im.mode == "1" else "palette"
+    return None
 
 
 def decode_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Tensor:
     """One image file -> (C, H, W) uint8 at the model's size and channels (what training reads).
 
     The header is read first and the size checked before any pixel is decoded, so a
-    decompression bomb costs nothing. The work then scales with the model's input, not the
+    decompression bomb costs nothing; kinds that cost more per pixel (`costly_kind`) have
+    their own, lower limit. The work then scales with the model's input, not the
     upload: JPEG decodes at a reduced scale (`draft`), other images are reduced by an
     integer factor before resampling, and 16-bit or float images are rescaled to 8 bits
     after shrinking, never converted at full size. Animated images give their first
@@ -91,9 +145,7 @@ def decode_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> torch.Te
             w, h = im.size
             if im.format not in ALLOWED_FORMATS:
                 raise UnsupportedImageFormat("unsupported_image_format", f"image format {im.format} is not accepted")
-            if w < 1 or h < 1 or w * h > limits.max_pixels or max(w, h) > limits.max_side:
-                raise ImageTooLarge("image_too_large", f"image of {w}x{h} pixels exceeds the limit of "
-                                 f"{limits.max_pixels} pixels / {limits.max_side} per side")
+            check_limits(w, h, im.format, costly_kind(im), limits)
             im.seek(0)
             orientation = im.getexif().get(ORIENTATION_TAG)
             if im.format in ("JPEG", "MPO"):  # DCT scaling: decode at 1/2, 1/4 or 1/8 while >= the model's size

@@ -1,36 +1,47 @@
 """The feedback store: every labelled example users sent, as an ordered log in a database.
 
-SQLite (a file, WAL, synchronous=FULL) is the embedded default; PostgreSQL (psycopg 3)
-serves several processes or machines. One schema and one code path: the SQL below is
-written once with `?` placeholders; the PostgreSQL dialect only rewrites them and differs
-in how a writer takes the log's order (an advisory lock held to commit, so commit order
-is sequence order and a reader that sees seq N has seen every seq below it).
+SQLite (sqlite_store.py: a file, WAL, synchronous=FULL) is the embedded default;
+PostgreSQL (postgres_store.py, psycopg 3 with a bounded pool) serves several processes or
+machines. One schema and one code path: the SQL here is written once with `?` placeholders;
+a dialect only rewrites them, hands out connections, and differs in how a writer takes the
+log's order and how a forget is erased from its files.
 
     log        seq (total order), kind example|forget, request_id, label (as the user
-               named it, normalised), image bytes as received + sha256 + content type,
-               created, forgotten (tombstone time; a forgotten example's image is erased),
-               target (forget: the example's seq)
-    requests   request_id, Idempotency-Key (unique), the first answer (JSON)
+               named it, normalised), content type of the image, created, forgotten
+               (tombstone time), target (forget: the example's seq)
+    images     seq -> the image bytes as received and their sha256: in a table of their
+               own, so that a forget deletes the row and the dialect can erase it from
+               its files (nothing derived from the image stays in the log)
+    requests   request_id, Idempotency-Key (unique while retained), the sha256 of the
+               request it was first used with, the first answer (JSON), created
     features   (model_version, seq) -> float32 vector + crc32: stored once per model
                version, by the first process that embeds the example, so every process
                applies bit-identical vectors
     meta       store_id (a uuid: snapshots name the store they were taken from)
 
 Writes go through one writer thread per process that commits whatever is queued in one
-transaction (group commit): acknowledged means committed durably.
+transaction (group commit): acknowledged means committed durably. Every write has a
+deadline: one the writer has not started by then is cancelled (truthfully "nothing was
+written"); one that lost its connection while committing is looked up by its request id
+before anyone is told anything (committed, not committed, or, when the store cannot be
+asked, "outcome unknown").
+
+(One file of ~540 lines: the schema, the statements and the writer that orders and commits
+them are one contract; the dialects are in sqlite_store.py and postgres_store.py.)
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import logging
 import queue
-import sqlite3
 import threading
 import time
 import uuid
 import zlib
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,16 +57,16 @@ SCHEMA = [
         request_id TEXT NOT NULL,
         position INTEGER NOT NULL,
         label TEXT,
-        image {blob},
-        image_sha256 TEXT,
         content_type TEXT,
         target BIGINT,
         created DOUBLE PRECISION NOT NULL,
         forgotten DOUBLE PRECISION)""",
     """CREATE INDEX IF NOT EXISTS log_request ON log (request_id)""",
+    """CREATE TABLE IF NOT EXISTS images (seq BIGINT PRIMARY KEY, data {blob} NOT NULL, sha256 TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS requests (
         request_id TEXT PRIMARY KEY,
         idempotency_key TEXT UNIQUE,
+        request_hash TEXT,
         response TEXT,
         created DOUBLE PRECISION NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS features (
@@ -65,6 +76,9 @@ SCHEMA = [
         crc BIGINT NOT NULL,
         PRIMARY KEY (model_version, seq))""",
 ]
+IDEMPOTENCY_RETENTION = 24 * 3600  # seconds a key stays bound to its first request
+WRITE_TIMEOUT = 30.0  # seconds a write may wait in the queue before it is cancelled
+RUNNING_LIMIT = 120.0  # seconds to wait for a started write (bounded by the database's own timeouts)
 
 
 class FeedbackStoreError(RuntimeError):
@@ -75,8 +89,21 @@ class StoreUnavailable(FeedbackStoreError):
     """The database cannot be reached right now: nothing was written."""
 
 
+class OutcomeUnknown(FeedbackStoreError):
+    """The connection was lost while committing and the store could not be asked since:
+    the write may or may not have committed (a retry with the same Idempotency-Key is safe)."""
+
+
+class IdempotencyKeyReused(ValueError):
+    """An Idempotency-Key already bound to a different request."""
+
+
 class NotFound(LookupError):
     """No example with that id."""
+
+
+class _CommitLost(StoreUnavailable):
+    """The commit itself failed on a lost connection: it may have committed (resolved by lookup)."""
 
 
 @dataclass
@@ -112,13 +139,15 @@ class Example:
 class AppendResult:
     request_id: str
     seqs: list[int]
-    replayed_response: str | None = None  # set when the Idempotency-Key was seen before
+    replayed: bool = False  # the Idempotency-Key was seen before: nothing was written
+    response: str | None = None  # the first request's answer, once it was recorded
 
 
 @dataclass
 class _Write:
     kind: str  # append | forget | response
     args: tuple
+    request_id: str | None = None  # what a lost commit is looked up by
     future: Future = field(default_factory=Future)
 
 
@@ -127,31 +156,44 @@ def vector_bytes(v: np.ndarray) -> bytes:
 
 
 class FeedbackStore:
-    """The shared interface; `open_store` picks the dialect from the URL."""
+    """The shared interface and SQL; `open_store` picks the dialect from the URL."""
 
     placeholder = "?"
     serial = "INTEGER"
     blob = "BLOB"
     unavailable_errors: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, idempotency_retention: float = IDEMPOTENCY_RETENTION,
+                 write_timeout: float = WRITE_TIMEOUT):
         self.url = url
-        self._local = threading.local()
+        self.idempotency_retention = idempotency_retention
+        self.write_timeout = write_timeout
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         with self._transaction(write=True) as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt.format(serial=self.serial, blob=self.blob))
+            self.migrate(cur)
             cur.execute(self.sql("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"),
                         ("store_id", uuid.uuid4().hex))
         self.store_id = self._one("SELECT value FROM meta WHERE key = ?", ("store_id",))[0]
 
     # --- dialect hooks ---------------------------------------------------------------------
-    def connect(self):
+    @contextmanager
+    def connection(self):
+        """A connection for one transaction (StoreUnavailable when none can be had)."""
+        raise NotImplementedError
+        yield
+
+    def discard(self, conn) -> None:
+        """A connection that failed: never hand it out again."""
         raise NotImplementedError
 
     def begin_write(self, cur) -> None:
         """Start a write transaction that holds the log's order until commit."""
+        raise NotImplementedError
+
+    def columns(self, cur, table: str) -> set[str]:
         raise NotImplementedError
 
     def notify(self, cur) -> None:
@@ -160,57 +202,45 @@ class FeedbackStore:
     def wait_for_change(self, timeout: float) -> None:
         time.sleep(timeout)
 
+    def erase_forgotten(self) -> None:
+        """After a committed forget: erase the deleted image from the database's files."""
+
     def sql(self, text: str) -> str:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
-    # --- connections -------------------------------------------------------------------------
-    def _conn(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self.connect()
-        return conn
+    def migrate(self, cur) -> None:
+        """Stores written before images had a table of their own: move them there."""
+        if "image" in self.columns(cur, "log"):
+            cur.execute("INSERT INTO images (seq, data, sha256) SELECT seq, image, image_sha256 FROM log "
+                        "WHERE image IS NOT NULL ON CONFLICT (seq) DO NOTHING")
+            cur.execute("ALTER TABLE log DROP COLUMN image")
+            cur.execute("ALTER TABLE log DROP COLUMN image_sha256")
+        if "request_hash" not in self.columns(cur, "requests"):
+            cur.execute("ALTER TABLE requests ADD COLUMN request_hash TEXT")
 
-    def _drop_conn(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
+    # --- transactions ------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self, write: bool = False):
+        """One transaction: committed when the block ends, rolled back when it raises. A lost
+        connection becomes StoreUnavailable (nothing committed) or, when the commit itself
+        failed, _CommitLost (it may have committed); the connection is replaced."""
+        with self.connection() as conn:
             try:
-                conn.close()
-            except Exception:  # already broken
-                pass
-
-    class _Tx:
-        def __init__(self, store: "FeedbackStore", write: bool):
-            self.store, self.write = store, write
-
-        def __enter__(self):
-            try:
-                self.conn = self.store._conn()
-                self.cur = self.conn.cursor()
-                if self.write:
-                    self.store.begin_write(self.cur)
-            except self.store.unavailable_errors as e:
-                self.store._drop_conn()
+                cur = conn.cursor()
+                if write:
+                    self.begin_write(cur)
+                yield cur
+            except self.unavailable_errors as e:
+                self.discard(conn)
                 raise StoreUnavailable(f"feedback store unreachable: {e}") from e
-            return self.cur
-
-        def __exit__(self, kind, exc, tb):
+            except BaseException:
+                _rollback_quietly(conn)
+                raise
             try:
-                if kind is None:
-                    self.conn.commit()
-                else:
-                    self.conn.rollback()
-            except self.store.unavailable_errors as e:
-                self.store._drop_conn()
-                if kind is None:
-                    raise StoreUnavailable(f"feedback store commit failed: {e}") from e
-            if kind is not None and issubclass(kind, self.store.unavailable_errors):
-                self.store._drop_conn()
-                raise StoreUnavailable(f"feedback store unreachable: {exc}") from exc
-            return False
-
-    def _transaction(self, write: bool = False) -> "_Tx":
-        return self._Tx(self, write)
+                conn.commit()
+            except self.unavailable_errors as e:
+                self.discard(conn)
+                raise _CommitLost(f"feedback store commit failed: {e}") from e
 
     def _read(self, text: str, args: tuple, fetch: str):
         # a read on a connection that went stale (the server restarted) fails once: one more
@@ -230,7 +260,7 @@ class FeedbackStore:
     def _all(self, text: str, args: tuple = ()):
         return self._read(text, args, "fetchall")
 
-    # --- writes: one writer thread, group commit ------------------------------------------------
+    # --- writes: one writer thread, group commit, a deadline each ------------------------------
     def start(self) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="feedback-writer", daemon=True)
@@ -241,30 +271,58 @@ class FeedbackStore:
             self._writes.put(None)
             self._writer.join(30)
             self._writer = None
-        self._drop_conn()
 
-    def _submit(self, kind: str, *args) -> Future:
+    def _write(self, kind: str, *args, request_id: str | None = None, timeout: float | None = None):
+        """Queue a write and wait for its truthful outcome: the result once committed;
+        StoreUnavailable when it was not written (cancelled before it started, or refused);
+        OutcomeUnknown only when a lost commit could not be looked up."""
         if self._writer is None:
             self.start()
-        w = _Write(kind, args)
+        w = _Write(kind, args, request_id)
         self._writes.put(w)
-        return w.future
+        try:
+            return w.future.result(self.write_timeout if timeout is None else timeout)
+        except FutureTimeout:
+            if w.future.cancel():  # the writer never started it: it never will
+                raise StoreUnavailable(f"the feedback store did not take the write within "
+                                       f"{self.write_timeout:g} s") from None
+        # started: its transaction is bounded by the database's own timeouts (lock, statement)
+        try:
+            return w.future.result(RUNNING_LIMIT)
+        except FutureTimeout:
+            raise OutcomeUnknown(f"the feedback store took over {RUNNING_LIMIT:g} s to commit; the write may "
+                                 "still complete (retry with the same Idempotency-Key)") from None
 
-    def append(self, request_id: str, idempotency_key: str | None, label: str, uploads: list[Upload],
-               model_version: str, vectors: list[np.ndarray], timeout: float = 60) -> AppendResult:
+    def append(self, request_id: str, idempotency_key: str | None, request_hash: str | None, label: str,
+               uploads: list[Upload], model_version: str, vectors: list[np.ndarray]) -> AppendResult:
         """Commit one request's examples (and their vectors for `model_version`) durably.
-        With an Idempotency-Key seen before: writes nothing, returns the first request's result."""
-        return self._submit("append", request_id, idempotency_key, label, uploads, model_version,
-                            vectors).result(timeout)
+        With an Idempotency-Key seen before for the same request (`request_hash`): writes
+        nothing and returns the first request's result; for another request:
+        IdempotencyKeyReused."""
+        return self._write("append", request_id, idempotency_key, request_hash, label, uploads, model_version,
+                           vectors, request_id=request_id)
 
-    def forget(self, seq: int, timeout: float = 60) -> tuple[int | None, bool]:
-        """Tombstone example `seq` (its image erased) and log a forget event. Returns (the
-        event's seq or None when it was already forgotten, True). NotFound for no such example."""
-        return self._submit("forget", seq).result(timeout)
+    def forget(self, seq: int) -> int | None:
+        """Tombstone example `seq`, delete its image, sha256 and vectors, log a forget event
+        and erase the image from the database's files. Returns the event's seq, or None when
+        it was already forgotten. NotFound for no such example."""
+        request_id = uuid.uuid4().hex
+        return self._write("forget", seq, request_id, request_id=request_id)
 
-    def set_response(self, request_id: str, response: str) -> None:
-        """Remember a request's answer, for a retry with the same Idempotency-Key (best effort)."""
-        self._submit("response", request_id, response)
+    def record_response(self, request_id: str, response: str) -> str:
+        """Keep a request's answer for retries with its Idempotency-Key; returns the answer
+        kept (the first one recorded, if another process recorded one already)."""
+        return self._write("response", request_id, response)
+
+    def record_response_later(self, request_id: str, response: str) -> None:
+        """The same without waiting: written with the next group commit (a failure is logged;
+        a retry of that request then renders its answer from the log)."""
+        if self._writer is None:
+            self.start()
+        w = _Write("response", (request_id, response), request_id=None)
+        w.future.add_done_callback(lambda f: f.exception() and log.warning(
+            "the answer of request %s was not recorded for retries (%s)", request_id, f.exception()))
+        self._writes.put(w)
 
     def _write_loop(self) -> None:
         while True:
@@ -281,17 +339,22 @@ class FeedbackStore:
                     self._writes.put(None)  # stop after this batch
                     break
                 batch.append(w)
-            self._commit_batch(batch)
+            batch = [w for w in batch if w.future.set_running_or_notify_cancel()]  # cancelled: never written
+            if batch:
+                self._commit_batch(batch)
 
     def _commit_batch(self, batch: list[_Write]) -> None:
         results: list = []
         try:
             with self._transaction(write=True) as cur:
-                seen_keys: dict[str, AppendResult] = {}
+                seen: dict[str, tuple[str | None, AppendResult]] = {}
                 for w in batch:
-                    results.append(getattr(self, f"_do_{w.kind}")(cur, *w.args, seen_keys=seen_keys))
+                    results.append(getattr(self, f"_do_{w.kind}")(cur, *w.args, seen=seen))
                 if any(w.kind in ("append", "forget") for w in batch):
                     self.notify(cur)
+        except _CommitLost as lost:
+            self._resolve_lost_commit(batch, lost)
+            return
         except BaseException as e:  # nothing of the batch is committed: every write gets the error
             for w in batch:
                 w.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
@@ -301,59 +364,121 @@ class FeedbackStore:
                 w.future.set_exception(r)
             else:
                 w.future.set_result(r)
+        if any(w.kind == "forget" and not isinstance(r, Exception) and r is not None for w, r in zip(batch, results)):
+            try:
+                self.erase_forgotten()
+            except Exception:  # the rows are gone; the files are erased by the next forget or checkpoint
+                log.exception("erasing forgotten images from the database files failed")
 
-    def _do_append(self, cur, request_id, idempotency_key, label, uploads, model_version, vectors, seen_keys):
+    def _resolve_lost_commit(self, batch: list[_Write], lost: _CommitLost) -> None:
+        """The commit was sent and the connection died: ask the store (on a fresh connection)
+        whether each write's request id is in the log before telling its caller anything."""
+        for attempt in range(5):
+            try:
+                found = {w.request_id: self._all("SELECT seq FROM log WHERE request_id = ? ORDER BY seq",
+                                                 (w.request_id,)) for w in batch if w.request_id}
+                break
+            except StoreUnavailable:
+                time.sleep(0.2 * (attempt + 1))
+        else:
+            for w in batch:
+                w.future.set_exception(OutcomeUnknown(
+                    f"the connection to the feedback store was lost while committing and the store cannot be "
+                    f"asked whether it committed ({lost}); retry with the same Idempotency-Key"))
+            return
+        committed = any(found.values())  # one transaction: all of the batch or none of it
+        for w in batch:
+            if not committed:
+                w.future.set_exception(StoreUnavailable(f"the commit did not complete ({lost})"))
+            elif w.kind == "append":
+                w.future.set_result(AppendResult(w.request_id, [r[0] for r in found[w.request_id]]))
+            elif w.kind == "forget":
+                w.future.set_result(found[w.request_id][0][0] if found[w.request_id] else None)
+            else:
+                w.future.set_result(self.response_of(w.args[0]))
+
+    def request_hash(self, method: str, path: str, label: str, uploads: list[Upload]) -> str:
+        """What an Idempotency-Key is bound to: the request as the server understood it (the
+        multipart boundary a client picks anew on a retry does not count)."""
+        h = hashlib.sha256(f"{method} {path}\n{label}\n".encode())
+        for u in uploads:
+            h.update(f"{u.content_type} {len(u.data)}\n".encode())
+            h.update(hashlib.sha256(u.data).digest())
+        return h.hexdigest()
+
+    def _do_append(self, cur, request_id, idempotency_key, request_hash, label, uploads, model_version, vectors,
+                   seen):
+        now = time.time()
         if idempotency_key is not None:
-            if idempotency_key in seen_keys:  # the same key twice in one batch
-                first = seen_keys[idempotency_key]
-                return AppendResult(first.request_id, first.seqs, replayed_response="")
-            cur.execute(self.sql("SELECT request_id, response FROM requests WHERE idempotency_key = ?"),
-                        (idempotency_key,))
+            if idempotency_key in seen:  # the same key twice in one batch
+                first_hash, first = seen[idempotency_key]
+                if first_hash != request_hash:
+                    return IdempotencyKeyReused(f"Idempotency-Key {idempotency_key!r} was used for another request")
+                return AppendResult(first.request_id, first.seqs, replayed=True)
+            cur.execute(self.sql("SELECT request_id, request_hash, response, created FROM requests "
+                                 "WHERE idempotency_key = ?"), (idempotency_key,))
             row = cur.fetchone()
-            if row is not None:
+            if row is not None and row[3] >= now - self.idempotency_retention:
+                if row[1] is not None and row[1] != request_hash:
+                    return IdempotencyKeyReused(f"Idempotency-Key {idempotency_key!r} was used for another request")
                 cur.execute(self.sql("SELECT seq FROM log WHERE request_id = ? AND kind = 'example' ORDER BY seq"),
                             (row[0],))
-                return AppendResult(row[0], [r[0] for r in cur.fetchall()], replayed_response=row[1] or "")
-        now = time.time()
-        cur.execute(self.sql("INSERT INTO requests (request_id, idempotency_key, created) VALUES (?, ?, ?)"),
-                    (request_id, idempotency_key, now))
+                return AppendResult(row[0], [r[0] for r in cur.fetchall()], replayed=True, response=row[2])
+            if row is not None:  # expired: the key is free again
+                cur.execute(self.sql("UPDATE requests SET idempotency_key = NULL WHERE request_id = ?"), (row[0],))
+        cur.execute(self.sql("INSERT INTO requests (request_id, idempotency_key, request_hash, created) "
+                             "VALUES (?, ?, ?, ?)"), (request_id, idempotency_key, request_hash, now))
         seqs = []
-        import hashlib
         for i, (u, v) in enumerate(zip(uploads, vectors)):
             cur.execute(self.sql(
-                "INSERT INTO log (kind, request_id, position, label, image, image_sha256, content_type, created) "
-                "VALUES ('example', ?, ?, ?, ?, ?, ?, ?) RETURNING seq"),
-                (request_id, i, label, u.data, hashlib.sha256(u.data).hexdigest(), u.content_type, now))
+                "INSERT INTO log (kind, request_id, position, label, content_type, created) "
+                "VALUES ('example', ?, ?, ?, ?, ?) RETURNING seq"),
+                (request_id, i, label, u.content_type, now))
             seq = cur.fetchone()[0]
             seqs.append(seq)
+            cur.execute(self.sql("INSERT INTO images (seq, data, sha256) VALUES (?, ?, ?)"),
+                        (seq, u.data, hashlib.sha256(u.data).hexdigest()))
             data = vector_bytes(v)
             cur.execute(self.sql("INSERT INTO features (model_version, seq, vector, crc) VALUES (?, ?, ?, ?)"),
                         (model_version, seq, data, zlib.crc32(data)))
         result = AppendResult(request_id, seqs)
         if idempotency_key is not None:
-            seen_keys[idempotency_key] = result
+            seen[idempotency_key] = (request_hash, result)
         return result
 
-    def _do_forget(self, cur, seq, seen_keys):
+    def _do_forget(self, cur, seq, request_id, seen):
         cur.execute(self.sql("SELECT forgotten FROM log WHERE seq = ? AND kind = 'example'"), (seq,))
         row = cur.fetchone()
         if row is None:
             return NotFound(f"no feedback example with id {seq}")
         if row[0] is not None:
-            return (None, True)
+            return None
         now = time.time()
-        cur.execute(self.sql("UPDATE log SET forgotten = ?, image = NULL WHERE seq = ?"), (now, seq))
+        cur.execute(self.sql("UPDATE log SET forgotten = ? WHERE seq = ?"), (now, seq))
+        cur.execute(self.sql("DELETE FROM images WHERE seq = ?"), (seq,))
+        cur.execute(self.sql("DELETE FROM features WHERE seq = ?"), (seq,))
         cur.execute(self.sql("INSERT INTO log (kind, request_id, position, target, created) "
-                             "VALUES ('forget', ?, 0, ?, ?) RETURNING seq"), (uuid.uuid4().hex, seq, now))
-        return (cur.fetchone()[0], True)
+                             "VALUES ('forget', ?, 0, ?, ?) RETURNING seq"), (request_id, seq, now))
+        return cur.fetchone()[0]
 
-    def _do_response(self, cur, request_id, response, seen_keys):
-        cur.execute(self.sql("UPDATE requests SET response = ? WHERE request_id = ?"), (response, request_id))
-        return None
+    def _do_response(self, cur, request_id, response, seen):
+        cur.execute(self.sql("UPDATE requests SET response = ? WHERE request_id = ? AND response IS NULL"),
+                    (response, request_id))
+        cur.execute(self.sql("SELECT response FROM requests WHERE request_id = ?"), (request_id,))
+        row = cur.fetchone()
+        return row[0] if row is not None else response
 
     # --- reads -------------------------------------------------------------------------------------
     def last_seq(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM log")[0])
+
+    def response_of(self, request_id: str) -> str | None:
+        row = self._one("SELECT response FROM requests WHERE request_id = ?", (request_id,))
+        return None if row is None else row[0]
+
+    def request_age(self, request_id: str) -> float | None:
+        row = self._one("SELECT created FROM requests WHERE request_id = ?", (request_id,))
+        return None if row is None else time.time() - row[0]
 
     def events_after(self, seq: int, model_version: str, limit: int = 2000) -> list[Event]:
         """The log after `seq` in order, with this model version's vectors where stored. A
@@ -387,166 +512,45 @@ class FeedbackStore:
 
     def image(self, seq: int) -> tuple[bytes | None, str | None, bool]:
         """(bytes, content type, forgotten) of example `seq`; NotFound when there is none."""
-        row = self._one("SELECT image, content_type, forgotten, image_sha256 FROM log "
-                        "WHERE seq = ? AND kind = 'example'", (seq,))
+        row = self._one("SELECT i.data, l.content_type, l.forgotten, i.sha256 FROM log l "
+                        "LEFT JOIN images i ON i.seq = l.seq WHERE l.seq = ? AND l.kind = 'example'", (seq,))
         if row is None:
             raise NotFound(f"no feedback example with id {seq}")
         data = None if row[0] is None else bytes(row[0])
-        if data is not None:
-            import hashlib
-            if hashlib.sha256(data).hexdigest() != row[3]:
-                raise FeedbackStoreError(f"{self.describe()}: image of example {seq} fails its sha256")
+        if data is not None and hashlib.sha256(data).hexdigest() != row[3]:
+            raise FeedbackStoreError(f"{self.describe()}: image of example {seq} fails its sha256")
         return data, row[1], row[2] is not None
 
     def examples(self, limit: int = 50, before: int | None = None, include_forgotten: bool = True) -> list[Example]:
         """Examples newest first, `before` a seq (pagination)."""
-        where = "kind = 'example'" + ("" if before is None else " AND seq < ?") + \
-            ("" if include_forgotten else " AND forgotten IS NULL")
+        where = "l.kind = 'example'" + ("" if before is None else " AND l.seq < ?") + \
+            ("" if include_forgotten else " AND l.forgotten IS NULL")
         args = (() if before is None else (before,)) + (limit,)
-        rows = self._all(f"SELECT seq, request_id, label, created, forgotten, image_sha256, content_type FROM log "
-                         f"WHERE {where} ORDER BY seq DESC LIMIT ?", args)
+        rows = self._all(f"SELECT l.seq, l.request_id, l.label, l.created, l.forgotten, i.sha256, l.content_type "
+                         f"FROM log l LEFT JOIN images i ON i.seq = l.seq WHERE {where} ORDER BY l.seq DESC LIMIT ?",
+                         args)
         return [Example(*r) for r in rows]
-
-    def request_seqs(self, request_id: str) -> list[int]:
-        return [r[0] for r in self._all("SELECT seq FROM log WHERE request_id = ? AND kind = 'example' ORDER BY seq",
-                                        (request_id,))]
 
     def describe(self) -> str:
         return self.url
 
 
-class SqliteStore(FeedbackStore):
-    """A file under STATE_DIR; WAL with synchronous=FULL: a commit is on disk before the
-    answer. Several processes on one machine share it (SQLite's locks order the writers)."""
-
-    unavailable_errors = (sqlite3.OperationalError,)
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # processes starting together (serve --workers N) take turns to check, create and
-        # switch the file to WAL: that switch needs the file alone and SQLite answers
-        # "database is locked" at once, without waiting, when another process is doing it
-        with open(self.path.with_name(self.path.name + ".open-lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.exists():  # inside the lock too: a reader would make another's WAL switch fail
-                self._check_file()
-            try:
-                super().__init__(f"sqlite:///{self.path}")
-            except sqlite3.DatabaseError as e:
-                if isinstance(e, sqlite3.OperationalError):
-                    raise
-                raise FeedbackStoreError(f"feedback store {self.path} is damaged ({e}); refusing to start. "
-                                         "Restore it from a backup, or move it away to start empty.") from e
-
-    def _check_file(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, timeout=30)
-            try:
-                result = conn.execute("PRAGMA quick_check").fetchall()
-            finally:
-                conn.close()
-        except sqlite3.DatabaseError as e:
-            raise FeedbackStoreError(f"feedback store {self.path} is damaged ({e}); refusing to start. "
-                                     "Restore it from a backup, or move it away to start empty.") from e
-        if result != [("ok",)]:
-            raise FeedbackStoreError(f"feedback store {self.path} fails its integrity check ({result[:3]}); "
-                                     "refusing to start. Restore it from a backup, or move it away to start empty.")
-
-    def connect(self):
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return _SqliteConn(conn)
-
-    def begin_write(self, cur) -> None:
-        cur.execute("BEGIN IMMEDIATE")  # the write lock, taken now: commit order = seq order
-
-    def close(self) -> None:
-        # fold the write-ahead log into the main file on a clean shutdown, so that the file
-        # alone is the whole store (a copy of it, a backup, another version of SQLite)
-        try:
-            with self._transaction() as cur:
-                cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except (FeedbackStoreError, sqlite3.Error) as e:
-            log.warning("feedback store %s: checkpoint at shutdown failed (%s)", self.path, e)
-        super().close()
+def _rollback_quietly(conn) -> None:
+    try:
+        conn.rollback()
+    except Exception:  # the connection is already broken; it is discarded
+        pass
 
 
-class _SqliteConn:
-    """sqlite3 in autocommit mode with explicit BEGIN: reads outside a write see the latest commit."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def cursor(self):
-        return self.conn.cursor()
-
-    def commit(self):
-        if self.conn.in_transaction:
-            self.conn.commit()
-
-    def rollback(self):
-        if self.conn.in_transaction:
-            self.conn.rollback()
-
-    def close(self):
-        self.conn.close()
-
-
-class PostgresStore(FeedbackStore):
-    """PostgreSQL through psycopg 3. Writers serialise on an advisory lock held until commit;
-    each commit NOTIFYs `feedback_log`, and readers also poll by sequence as a safety net."""
-
-    placeholder = "%s"
-    serial = "BIGINT GENERATED ALWAYS AS IDENTITY"
-    blob = "BYTEA"
-    LOCK = 7_351_001  # advisory lock key of the log's order
-
-    def __init__(self, url: str):
-        import psycopg
-
-        self._psycopg = psycopg
-        self.unavailable_errors = (psycopg.OperationalError, psycopg.InterfaceError)
-        self._listener = None
-        super().__init__(url)
-
-    def connect(self):
-        return self._psycopg.connect(self.url, connect_timeout=3)
-
-    def begin_write(self, cur) -> None:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
-
-    def notify(self, cur) -> None:
-        cur.execute("NOTIFY feedback_log")
-
-    def wait_for_change(self, timeout: float) -> None:
-        try:
-            if self._listener is None:
-                self._listener = self._psycopg.connect(self.url, autocommit=True, connect_timeout=3)
-                self._listener.execute("LISTEN feedback_log")
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                pass
-        except self.unavailable_errors:
-            self._listener = None
-            time.sleep(timeout)
-
-    def describe(self) -> str:
-        return self.url.split("@")[-1]  # no password in messages
-
-    def close(self) -> None:
-        super().close()
-        if self._listener is not None:
-            self._listener.close()
-
-
-def open_store(url: str | None, state_dir: str | Path) -> FeedbackStore:
+def open_store(url: str | None, state_dir: str | Path, **options) -> FeedbackStore:
     """`postgresql://...` or `sqlite:///path`; unset: SQLite at <state_dir>/feedback.db."""
     if not url:
-        return SqliteStore(Path(state_dir) / "feedback.db")
+        from .sqlite_store import SqliteStore
+        return SqliteStore(Path(state_dir) / "feedback.db", **options)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(url)
+        from .postgres_store import PostgresStore
+        return PostgresStore(url, **options)
     if url.startswith("sqlite:///"):
-        return SqliteStore(url[len("sqlite:///"):])
+        from .sqlite_store import SqliteStore
+        return SqliteStore(url[len("sqlite:///"):], **options)
     raise ValueError(f"FEEDBACK_DB must be postgresql://... or sqlite:///path, got {url.split(':')[0]}:...")

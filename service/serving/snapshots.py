@@ -72,6 +72,21 @@ class SnapshotStore:
         sidecar = self.folder / f"{stem}.json"
         atomic_write(sidecar, json.dumps(meta).encode())
         for old in self.sidecars()[self.keep:]:
-            (self.folder / old.name.replace(".json", ".safetensors")).unlink(missing_ok=True)
-            old.unlink(missing_ok=True)
+            self.remove(old)
         return sidecar
+
+    def remove(self, sidecar: Path) -> None:
+        """Delete one snapshot: its sidecar first (the commit point), then its data file."""
+        sidecar.unlink(missing_ok=True)
+        (self.folder / sidecar.name.replace(".json", ".safetensors")).unlink(missing_ok=True)
+
+    @staticmethod
+    def position(sidecar: Path) -> int:
+        """The log position a snapshot was taken at (in its name)."""
+        return int(sidecar.stem.removeprefix("snapshot-"))
+
+    def remove_holding(self, seq: int) -> None:
+        """Delete every snapshot taken at or after log position `seq` (they hold that example)."""
+        for sidecar in self.sidecars():
+            if self.position(sidecar) >= seq:
+                self.remove(sidecar)

@@ -8,6 +8,7 @@ class first taught, spelled as it was first taught). An index ("3") names a know
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 
 MAX_CLASS_NAME = 64
@@ -30,11 +31,15 @@ def normalise_label(label: str) -> str:
 
 
 class ClassVocabulary:
+    """Its own lock (held for microseconds), so that a label is checked on the event loop
+    without waiting for the memory lock."""
+
     def __init__(self, trained: list[str], capacity: int):
         self.trained = len(trained)  # the head's classes: indices [0, trained)
         self.capacity = capacity  # the memory's label space
         self.names: list[str] = []
         self._index: dict[str, int] = {}
+        self._lock = threading.Lock()
         for name in trained:
             self.add(name)
 
@@ -42,6 +47,10 @@ class ClassVocabulary:
         return len(self.names)
 
     def add(self, name: str) -> int:
+        with self._lock:
+            return self._add(name)
+
+    def _add(self, name: str) -> int:
         key = name.casefold()
         if key in self._index:
             return self._index[key]
@@ -55,6 +64,10 @@ class ClassVocabulary:
     def lookup(self, label: str) -> tuple[int | None, str]:
         """(index, name) of a label: index None for a new, well-formed name."""
         text = normalise_label(label)
+        with self._lock:
+            return self._lookup(text)
+
+    def _lookup(self, text: str) -> tuple[int | None, str]:
         i = self._index.get(text.casefold())
         if i is not None:
             return i, self.names[i]
@@ -72,6 +85,7 @@ class ClassVocabulary:
         return self.names[index] if 0 <= index < len(self.names) else str(index)
 
     def reset(self, names: list[str]) -> None:
-        self.names, self._index = [], {}
-        for n in names:
-            self.add(n)
+        with self._lock:
+            self.names, self._index = [], {}
+            for n in names:
+                self._add(n)

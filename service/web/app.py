@@ -1,6 +1,7 @@
 """The HTTP service: the app factory and its lifespan (load, warm up, serve, snapshot on the
 way out). Endpoints are in routers.py, request parsing in requests.py, errors in errors.py.
-`uvicorn service.web.app:app` serves the app configured from the environment.
+`uvicorn --factory service.web.app:create_app_from_environment` serves the app configured
+from the environment.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ async def lifespan(app: FastAPI):
     cfg = state.config
     state.runtime = rt = await state.on_model_thread(
         lambda: ModelRuntime(cfg.model_store, cfg.model_name, cfg.state_dir, cfg.policy_overrides(),
-                             cfg.memory_index, cfg.index_nprobe, cfg.protect_feedback, cfg.feedback_db))
-    rt.start_tail()  # what other processes commit
+                             cfg.memory_index, cfg.index_nprobe, cfg.protect_feedback, cfg.feedback_db,
+                             store_options=cfg.store_options()))
+    rt.start_tail(listener=state.metrics.tail_changed)  # what other processes commit
     spec = rt.loaded.input
     await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
     state.metrics.set_model_info(name=rt.loaded.name, version=rt.loaded.version, memory_kind=rt.model.config.memory,
@@ -44,9 +46,9 @@ async def lifespan(app: FastAPI):
                                  policy_overrides=json.dumps(rt.overrides, sort_keys=True))
     state.update_memory_gauges()
     state.start_batcher()
-    # the ~250k objects of the libraries and the model live as long as the process: out of the
-    # collector's reach, so that a full collection scans only what requests made (one took
-    # ~100 ms with them, stalling every request in the process)
+    # the libraries' and the model's objects live as long as the process: out of the
+    # collector's reach, so that a full collection scans only what requests made (with them
+    # in, one stalled every request in the process: BENCHMARKS.md, "Load")
     gc.collect()
     gc.freeze()
     state.ready = True
@@ -83,7 +85,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)  # self-hosted in docs.py: no CDN
     app.state.service = state = AppState(config)
     app.add_middleware(LimitsAndMetrics, max_body=config.max_upload_bytes, metrics=state.metrics,
-                       body_timeout=config.body_timeout)
+                       body_timeout=config.body_timeout, body_deadline=config.body_deadline)
     # several processes (serve --workers N names the folder): even out their connections
     folder = os.environ.get("WORKER_COUNTS_DIR")
     state.worker_counts = WorkerCounts(folder) if folder else None
@@ -109,10 +111,8 @@ async def _periodic_snapshots(state: AppState) -> None:
                 log.error("periodic snapshot failed: %s", e)
 
 
-def __getattr__(name: str):
-    # `service.web.app:app` for uvicorn and the Dockerfile, built on first access so that
-    # importing this module (tests, create_app) reads no environment
-    if name == "app":
-        globals()["app"] = create_app()
-        return globals()["app"]
-    raise AttributeError(name)
+def create_app_from_environment() -> FastAPI:
+    """uvicorn's app factory: `uvicorn --factory service.web.app:create_app_from_environment`
+    (settings from the environment variables), and each process of `python -m service serve
+    --workers N` (the settings that command resolved, ServiceConfig.from_environment)."""
+    return create_app(ServiceConfig.from_environment())

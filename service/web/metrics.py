@@ -49,9 +49,21 @@ class Metrics:
                                      buckets=(0.0001, 0.00025, *LATENCY_BUCKETS), registry=r)
         self.batch_size = Histogram("batch_size_images", "Images per model batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        # 1 while the feedback log tail applies others' feedback, 0 after a failure until it recovers
+        self.tail_healthy = Gauge("feedback_tail_healthy", "The feedback log tail is applying the log (per process)",
+                                  registry=r, multiprocess_mode="liveall")
+        self.tail_healthy.set(1)
+        self.tail_failures = Counter("feedback_tail_failures", "Failures of the feedback log tail (each retried)",
+                                     registry=r)
         # the info idiom as a gauge fixed at 1 (prometheus_client's Info has no multiprocess mode)
         self.model_info = Gauge("model_info", "The served model", MODEL_INFO_LABELS, registry=r,
                                 multiprocess_mode="livemax")
+
+    def tail_changed(self, error: str | None) -> None:
+        """The feedback log tail failed (error) or recovered (None)."""
+        self.tail_healthy.set(0 if error else 1)
+        if error:
+            self.tail_failures.inc()
 
     def set_model_info(self, **labels: str) -> None:
         self.model_info.labels(**{k: labels[k] for k in MODEL_INFO_LABELS}).set(1)

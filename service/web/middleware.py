@@ -20,11 +20,15 @@ PREFIXES = (("/feedback/", "/feedback/{id}"), ("/v2/models/", "/v2/models/{name}
 
 class LimitsAndMetrics:
     """Refuses bodies over the limit (413, by Content-Length or while streaming) and bodies
-    that trickle in slower than `body_timeout` seconds per chunk (408: a slow upload must
-    not hold a connection forever), and counts every request by endpoint and status."""
+    that arrive too slowly (408, `Connection: close`): a chunk must come within
+    `body_timeout` seconds of the one before, and the whole body within `body_deadline`
+    seconds of the request's start, so a client trickling in a byte now and then cannot
+    hold a connection forever either. Counts every request by endpoint and status."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics, body_timeout: float = 30.0):
+    def __init__(self, app, max_body: int, metrics: Metrics, body_timeout: float = 30.0,
+                 body_deadline: float = 60.0):
         self.app, self.max_body, self.metrics, self.body_timeout = app, max_body, metrics, body_timeout
+        self.body_deadline = body_deadline
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,14 +53,24 @@ class LimitsAndMetrics:
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 await refuse()
             else:
-                received = 0
+                received, complete = 0, False
+                deadline_s = self.body_deadline
+                deadline = time.monotonic() + deadline_s
 
                 async def receive_limited():
-                    nonlocal received
+                    nonlocal received, complete
+                    if complete:  # the body is in: later receives wait for a disconnect, unbounded
+                        return await receive()
+                    left = deadline - time.monotonic()
                     try:
-                        message = await asyncio.wait_for(receive(), self.body_timeout)
-                    except asyncio.TimeoutError:
-                        raise BodyTimeout() from None
+                        async with asyncio.timeout(max(0.0, min(self.body_timeout, left))):  # no task per chunk
+                            message = await receive()
+                    except TimeoutError:
+                        raise BodyTimeout(
+                            f"the request body did not arrive within BODY_DEADLINE ({deadline_s:g} s)"
+                            if left <= self.body_timeout else
+                            f"no part of the request body arrived for BODY_TIMEOUT ({self.body_timeout:g} s)") from None
+                    complete = message["type"] != "http.request" or not message.get("more_body", False)
                     received += len(message.get("body", b""))
                     if received > self.max_body:
                         raise BodyTooLarge()
@@ -67,10 +81,10 @@ class LimitsAndMetrics:
                 except BodyTooLarge:
                     if not status["started"]:
                         await refuse()
-                except BodyTimeout:
+                except BodyTimeout as e:
                     if not status["started"]:
-                        await error_response(408, "body_timeout", "the request body arrived too slowly")(
-                            scope, receive, send_wrapper)
+                        await error_response(408, "body_timeout", str(e) or "the request body arrived too slowly",
+                                             {"Connection": "close"})(scope, receive, send_wrapper)
         finally:
             self.metrics.requests.labels(endpoint, scope["method"], str(status["code"])).inc()
             self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -82,9 +96,9 @@ class BalanceConnections:
 
     Each process accepts connections for itself from the shared socket, and one may take a
     whole burst of new connections (an event loop accepts all that are waiting) and keep
-    them for as long as the clients do: measured, 32 clients split 32/0, 20/12, 13/19 between
-    two processes, and throughput and p99 followed the busier one. Closing connections after
-    a fixed number of requests (nginx's keepalive_requests) did not even them out. Here each
+    them for as long as the clients do, so that throughput and p99 follow the busier process
+    (BENCHMARKS.md, "Load"). Closing connections after a fixed number of requests (nginx's
+    keepalive_requests) did not even them out. Here each
     process counts the connections it answered in the last second and publishes the count
     (`WorkerCounts`); a process over the mean + 1 answers the request with
     `Connection: close`, and the client reconnects, landing on either process, until the

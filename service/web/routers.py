@@ -1,22 +1,22 @@
 """The endpoints: thin, each reads its request, hands the work to the runtime (off the event
-loop) and shapes the answer. Dependencies read the app's state from `request.app.state`."""
+loop) and shapes the answer. Their dependencies (the app's state, the runtime, the token) are
+in dependencies.py."""
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from ..core.preprocess import media_type
 from ..serving.feedback_store import Upload
-from ..serving.runtime import ModelRuntime, Served
+from ..serving.runtime import FeedbackResult, ModelRuntime, Served
+from .dependencies import app_state, observe_prediction, ready_runtime, require_token, runtime
 from .errors import STATUSES, ApiError
 from .requests import decode_batch, read_images
 from .schemas import (ClassScore, ErrorBody, FeedbackItem, FeedbackList, FeedbackResponse, Forgotten, Health,
@@ -25,32 +25,6 @@ from .schemas import (ClassScore, ErrorBody, FeedbackItem, FeedbackList, Feedbac
 from .state import AppState
 
 ERRORS = {s: {"model": ErrorBody} for s in STATUSES}
-_bearer = HTTPBearer(auto_error=False)
-
-
-def app_state(request: Request) -> AppState:
-    return request.app.state.service
-
-
-def runtime(state: AppState = Depends(app_state)) -> ModelRuntime:
-    if not state.ready or state.runtime is None:
-        raise ApiError(503, "not_ready", "the model is not loaded yet")
-    if state.runtime.failure:
-        raise ApiError(503, "feedback_store_damaged", state.runtime.failure)
-    return state.runtime
-
-
-def require_token(state: AppState = Depends(app_state),
-                  creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    token = state.config.api_token
-    if token is None:
-        raise ApiError(403, "writes_disabled", "API_TOKEN is not set on the server: feedback and snapshots "
-                                               "are refused")
-    if creds is None:
-        raise ApiError(401, "missing_token", "send Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
-        raise ApiError(403, "invalid_token", "the bearer token is not valid")
-
 
 _file_array = {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
@@ -85,26 +59,24 @@ async def feedback(request: Request, state: AppState = Depends(app_state), rt: M
                                                         "a retried request with the same key gets the first "
                                                         "answer and writes nothing")) -> Response:
     files, label = await read_images(request, state.config, allow_json=False, label_field=True)
-    # an early, clear refusal before decoding (checked again when applied); in the thread pool,
-    # since it reads the class names under the memory lock
-    _, is_new = await run_in_threadpool(rt.check_label, label)
+    rt.check_label(label)  # an early, clear refusal before decoding (microseconds: on the loop)
     batch, _ = await decode_batch(files, rt.loaded.input, state.config, state.decode_pool)
     vectors = await state.embed(batch)
     uploads = [Upload(f, media_type(f)) for f in files]
-    result = await run_in_threadpool(rt.commit_feedback, vectors, label, uploads, idempotency_key,
-                                     state.metrics.commit_latency.observe)
-    if result.replayed_response:  # a retry: the first answer, byte for byte
-        return Response(result.replayed_response, media_type="application/json",
-                        headers={"Idempotent-Replayed": "true"})
+    result = await run_in_threadpool(rt.submit_feedback, vectors, label, uploads, idempotency_key,
+                                     feedback_body, state.metrics.commit_latency.observe)
+    if result.replayed:  # a retry: the first answer, byte for byte, counted once
+        return Response(result.body, media_type="application/json", headers={"Idempotent-Replayed": "true"})
     for o in result.outcomes:
         state.metrics.feedback.labels(o.action).inc()
     state.update_memory_gauges()
-    body = FeedbackResponse(new_class=is_new, request_id=result.request_id, items=[
+    return Response(result.body, media_type="application/json")
+
+
+def feedback_body(result: FeedbackResult) -> str:
+    return FeedbackResponse(new_class=result.new_class, request_id=result.request_id, items=[
         FeedbackItem(feedback_id=o.feedback_id, action=o.action, slot=o.slot, replaced_label=o.previous_label,
                      label=o.label, label_index=o.label_index) for o in result.outcomes]).model_dump_json()
-    if idempotency_key is not None:
-        rt.store.set_response(result.request_id, body)
-    return Response(body, media_type="application/json")
 
 
 @router.get("/feedback", response_model=FeedbackList, responses=ERRORS, dependencies=[Depends(require_token)])
@@ -163,7 +135,7 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorBody}})
-async def readyz(rt: ModelRuntime = Depends(runtime)) -> Health:
+async def readyz(rt: ModelRuntime = Depends(ready_runtime)) -> Health:
     return Health(status="ready", model=rt.loaded.name, model_version=rt.loaded.version)
 
 
@@ -173,7 +145,6 @@ def predict_response(rt: ModelRuntime, served: Served, decode_s: list[float], to
     known = len(rt.classes)
     scores = p.class_scores[:, :known]  # (B, known)
     top_scores, top_idx = scores.topk(min(state.config.top_k, known), dim=-1)  # (B, k)
-    m = state.metrics
     items = []
     for i in range(len(p.labels)):
         label, path = int(p.labels[i]), p.paths[i]
@@ -186,8 +157,5 @@ def predict_response(rt: ModelRuntime, served: Served, decode_s: list[float], to
             top_k=[ClassScore(label=rt.class_name(int(j)), label_index=int(j), score=float(s))
                    for s, j in zip(top_scores[i].tolist(), top_idx[i].tolist())],
             nearest=nearest, latency_ms=1e3 * total_s))
-        m.predictions.labels(path, rt.class_name(label)).inc()
-        m.stage_latency.labels("decode", path).observe(decode_s[i])
-        for stage in ("features", "memory", "head"):
-            m.stage_latency.labels(stage, path).observe(p.timings_ms[stage] / 1e3 / batch_size)
+    observe_prediction(state.metrics, rt, served, decode_s, batch_size)
     return PredictResponse(model=rt.loaded.name, model_version=rt.loaded.version, predictions=items)

@@ -1,5 +1,9 @@
 """Service settings: environment variables (upper-case field names), or `python -m service
-serve` flags of the same names, which take precedence. Each field's description is its --help."""
+serve` flags of the same names, which take precedence. Each field's description is its --help.
+
+`serve --workers N` resolves them once and hands them to its server processes as one JSON
+document in SERVICE_CONFIG_JSON (`to_environment`); each process reads it back
+(`from_environment`), so every process serves with exactly the settings the command resolved."""
 
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..core.routing import RoutingPolicy
+
+# the settings `serve` resolved, as JSON, for the server processes it starts
+CONFIG_ENV = "SERVICE_CONFIG_JSON"
 
 
 def usable_cores() -> int:
@@ -46,18 +53,35 @@ class ServiceConfig(BaseSettings):
     correction_bias: float | None = Field(None, description="override the bias added to the logits of taught rows "
                                           "for classes the head has")
     taught_l2: float | None = Field(None, ge=0, description="override the L2 penalty of the taught rows' fit")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
-    max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height (413 above)")
+    # the defaults bound what one anonymous request can cost; the model sees 28x28 or 32x32
+    # images, so nothing a client needs is refused by them
+    max_upload_bytes: int = Field(1024 * 1024, ge=1, description="largest request body accepted (413 above)")
+    max_pixels: int = Field(1024 * 1024, ge=1, description="largest image, width x height (413 above); JPEG: 16 "
+                            "times as many (it decodes at a reduced scale)")
+    max_costly_pixels: int = Field(512 * 512, ge=1, description="largest 16-bit, interlaced, palette, GIF or "
+                                   "WebP image, width x height (413 above; these decode several times slower per "
+                                   "pixel than 8-bit PNG; MAX_PIXELS applies too)")
     max_files: int = Field(64, ge=1, description="most images in one request")
-    max_request_pixels: int = Field(2 * 4096 * 4096, ge=1, description="most pixels (width x height, from the "
-                                    "headers) of all images in one request together (413 above)")
+    max_request_pixels: int = Field(1024 * 1024, ge=1, description="most pixels (width x height, from the "
+                                    "headers) of all images in one request together; a costly kind's (see "
+                                    "MAX_COSTLY_PIXELS) count MAX_PIXELS / MAX_COSTLY_PIXELS times, JPEG's 1/16 "
+                                    "(413 above)")
     decode_threads: int | None = Field(None, ge=1, description="images decoded at once (default: the cores "
                                        "this process may use)")
     body_timeout: float = Field(30.0, gt=0, description="seconds to wait for the next chunk of a request body "
                                                         "(408 after)")
+    body_deadline: float = Field(60.0, gt=0, description="seconds a whole request body may take to arrive, however "
+                                                         "steadily it trickles in (408 after)")
     snapshot_interval: float = Field(300.0, ge=0, description="seconds between periodic memory snapshots "
                                                               "(0 = only on demand and shutdown)")
     top_k: int = Field(5, ge=1, description="classes listed with scores in each prediction")
+    feedback_pool_size: int = Field(4, ge=1, description="PostgreSQL connections per server process (a pool; "
+                                    "plus one for LISTEN): replicas x workers x (this + 1) must stay below the "
+                                    "server's max_connections")
+    idempotency_retention: float = Field(86400.0, gt=0, description="seconds an Idempotency-Key stays bound to "
+                                         "the request it was first used with (its answer replayed)")
+    write_timeout: float = Field(30.0, gt=0, description="seconds a feedback write may wait for the store before "
+                                 "it is cancelled (503, nothing written)")
     protect_feedback: bool = Field(True, description="user-taught items are replaced only when nothing else "
                                                      "is left")
     memory_index: Literal["exact", "ivf"] = Field("exact", description="memory search: exact (chunked matrix "
@@ -76,6 +100,24 @@ class ServiceConfig(BaseSettings):
             self.api_token = None
         return self
 
+    def store_options(self) -> dict:
+        """The feedback store's settings (pool_size applies to PostgreSQL only)."""
+        options = {"idempotency_retention": self.idempotency_retention, "write_timeout": self.write_timeout}
+        if self.feedback_db and self.feedback_db.startswith(("postgresql://", "postgres://")):
+            options["pool_size"] = self.feedback_pool_size
+        return options
+
     def policy_overrides(self) -> dict:
         """The routing-policy fields set explicitly (the rest come from the model's manifest)."""
         return {f.name: getattr(self, f.name) for f in fields(RoutingPolicy) if getattr(self, f.name) is not None}
+
+    def to_environment(self) -> None:
+        """These settings, all of them, for the processes this one starts (they inherit the environment)."""
+        os.environ[CONFIG_ENV] = self.model_dump_json()
+
+    @classmethod
+    def from_environment(cls) -> "ServiceConfig":
+        """The settings a parent `serve` resolved (to_environment) where it set them, else the
+        environment variables'. The JSON is complete: no variable is read over it."""
+        resolved = os.environ.get(CONFIG_ENV)
+        return cls.model_validate_json(resolved) if resolved else cls()

@@ -40,6 +40,12 @@ class AppState:
         self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads or usable_cores(),
                                               thread_name_prefix="decode")
 
+    def not_ready_reason(self) -> str | None:
+        """Why this process should not take traffic now (None: ready)."""
+        if not self.ready or self.runtime is None:
+            return "the model is not loaded yet"
+        return self.runtime.not_ready_reason()
+
     async def on_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
 

@@ -1,0 +1,70 @@
+"""The taught head rows (core/taught.py) kept in step with the memory, on one thread.
+
+Every applied change to the memory calls `changed()`; `wait()` returns once the rows reflect
+every change made before it was called. One fitter thread refits for everything applied so
+far and wakes every waiter, so requests that arrive during a fit share the next one instead
+of queueing one each (and its megabytes of temporaries come from one malloc arena). The
+rows are a function of the applied log only, so every process fits the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from ..core.model import EnhancedClassifier
+from ..core.routing import EMPTY, RoutingPolicy
+
+log = logging.getLogger(__name__)
+
+
+class TaughtRowFitter:
+    def __init__(self, model: EnhancedClassifier, policy: RoutingPolicy, lock: threading.RLock,
+                 slot_feedback: torch.Tensor):
+        self.model, self.policy, self.lock, self.slot_feedback = model, policy, lock, slot_feedback
+        self.enabled = model.taught is not None  # a model without replay features has no rows
+        self._changes = self._fitted = 0  # changes applied, and those the rows reflect
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def changed(self) -> None:
+        """The memory changed (call under the memory lock)."""
+        self._changes += 1
+
+    def wait(self) -> None:
+        """Return once the rows reflect every change applied so far."""
+        if not self.enabled:
+            return
+        with self._cond:
+            target = self._changes
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="taught-fit", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            while self._fitted < target and not self._stop.is_set():
+                self._cond.wait(1.0)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                while self._fitted >= self._changes and not self._stop.is_set():
+                    self._cond.wait(1.0)
+            with self.lock:  # the examples as of now; the fit itself leaves predictions free to run
+                target = self._changes
+                taught = (self.slot_feedback != EMPTY).nonzero().squeeze(1)  # (N,) slots users taught
+                examples = self.model.taught_examples(taught, self.policy)
+            try:
+                self.model.fit_taught(examples, self.policy)
+            except Exception:  # keep serving with the rows as they were; the error is in the log
+                log.exception("fitting the taught head rows failed")
+            with self._cond:
+                self._fitted = target
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
