@@ -1,5 +1,5 @@
 """Bad /predict requests with the status each must get: used by tests/test_app.py against
-the app and by bench/service_latency.py against a live server (limits: 200 kB body,
+the app and by bench/perf/service_latency.py against a live server (limits: 200 kB body,
 1 Mpx, 8 files)."""
 
 from tests.helpers import (animated_gif, bomb_png, exif_rotated_jpeg, image_bytes, multipage_tiff, nan_tiff, polyglot,

@@ -1,7 +1,7 @@
 """Issue 11: several server processes share one feedback store and stay identical.
 
 Everything here runs against real `python -m service serve` processes on loopback ports:
-replicas on a throwaway PostgreSQL (bench/postgres.py), and one `--workers 2` process on
+replicas on a throwaway PostgreSQL (testkit/postgres.py), and one `--workers 2` process on
 the default SQLite store. Each test drives traffic from client threads for a bounded time,
 then checks that the processes converge to one memory (`state_hash` at one `applied_seq`),
 that a process rebuilt from the log alone holds the same memory, and that every
@@ -346,7 +346,7 @@ def database(pg: Postgres, name: str) -> str:
 
 
 class Workers:
-    """`python -m service serve --workers N`: N processes behind one port (bench/live.Server
+    """`python -m service serve --workers N`: N processes behind one port (testkit.live.Server
     starts one). Its own session, so that stop() ends the whole process group."""
 
     def __init__(self, state_dir: Path, model_store: Path, workers: int = 2, **env):

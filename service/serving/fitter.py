@@ -65,6 +65,10 @@ class TaughtRowFitter:
                 self._cond.notify_all()
 
     def close(self) -> None:
+        """Stop, waiting for a fit in progress: a thread still inside torch when the
+        interpreter exits aborts the process."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(60)
