@@ -8,7 +8,8 @@ Two kinds, built by name through `create_memory`:
   A written slot gets the normalised feature as key and a one-hot value row.
 
 Both share retrieval, the contrastive loss and the bookkeeping; they differ only in how a
-slot's key and class distribution are read and in the replacement rule when full.
+slot's key and class distribution are read and in the replacement rule when full. (One file
+of ~500 lines: the shared logic and the two kinds read best side by side.)
 
 Definitions (also in the README):
 - A slot's *class distribution* is its value row clamped at 0 and normalised to sum 1
