@@ -34,8 +34,10 @@ data:
 serve: install
 	$(PY) -m service serve --host $(HOST) --port $(PORT)
 
+# one pytest process per core, each taking whole test files (a file's servers and PostgreSQL
+# cluster are set up once); the suite waits on servers and subprocesses much of its time
 test: install data
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --dist loadfile
 
 # The quick tier (under 90 s on 2 cores): unit tests and in-process API tests; no browser, no
 # PostgreSQL, no soak, no server processes (markers: pyproject.toml [tool.pytest.ini_options])
@@ -81,6 +83,7 @@ bench-perf: install data
 	$(PY) -m bench.perf.load --seconds 8 --repeats 2
 	$(PY) -m bench.perf.load --servers ours ours-unbatched --clients 1 --repeats 5 --bodies json --record load-one-client
 	$(PY) -m bench.perf.request_cost
+	$(PY) -m bench.perf.reuseport_spread
 	$(PY) -m bench.perf.memory_scale
 	$(PY) -m bench.perf.hostile_images --seconds 8 --before 26a59f0
 	$(PY) -m bench.perf.png_decoders

@@ -562,6 +562,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("load", load_table),
     ("retrieval", retrieval_table),
     ("memory-scale", memory_scale_table),
+    ("memory-scale-runs", lambda: __import__("bench.perf.memory_scale", fromlist=["markdown"]).markdown()),
     ("hostile", hostile_table),
     ("png-decoders", png_decoders_table),
     ("hostile-bodies", hostile_bodies_table),

@@ -224,6 +224,7 @@ def serve(ns: argparse.Namespace) -> int:
 
     from .core.store import ModelStoreError, model_dir
     from .web.app import create_app
+    from .web.workers import run_workers
 
     try:
         config = service_config(ns)
@@ -235,14 +236,12 @@ def serve(ns: argparse.Namespace) -> int:
     if ns.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
-    server = dict(host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=30,
-                  timeout_keep_alive=5)
+    server = dict(log_level=ns.log_level, timeout_graceful_shutdown=30, timeout_keep_alive=5)
     if ns.workers == 1:
-        uvicorn.run(create_app(config), **server)
+        uvicorn.run(create_app(config), host=ns.host, port=ns.port, **server)
         return 0
     prepare_worker_environment(config, ns.workers, ns.port)
-    uvicorn.run("service.web.app:create_app_from_environment", factory=True, workers=ns.workers, **server)
-    return 0
+    return run_workers(ns.workers, ns.host, ns.port, server)
 
 
 def service_config(ns: argparse.Namespace) -> ServiceConfig:
@@ -255,19 +254,17 @@ def prepare_worker_environment(config: ServiceConfig, workers: int, port: int) -
 
     Each process takes its share of the cores instead of them all: OMP_NUM_THREADS (torch
     reads it when a process imports it, so it must be in the environment) and DECODE_THREADS,
-    unless given. Folders the processes share, this server's own, are emptied first (an
-    earlier run's values must not be summed in): one /metrics for all processes
-    (prometheus_client's multiprocess mode reads PROMETHEUS_MULTIPROC_DIR at import) and
-    their connection counts (BalanceConnections, WORKER_COUNTS_DIR). The settings themselves
-    go as one JSON document (ServiceConfig.to_environment), read by each process's factory."""
+    unless given. One /metrics for all processes: prometheus_client's multiprocess mode reads
+    PROMETHEUS_MULTIPROC_DIR at import; this server's own folder, emptied first (an earlier
+    run's values must not be summed in). The settings themselves go as one JSON document
+    (ServiceConfig.to_environment), read by each process's factory (web/workers.py)."""
     share = max(1, usable_cores() // workers)
     os.environ.setdefault("OMP_NUM_THREADS", str(share))
     if config.decode_threads is None:  # images decoded at once: the cores, over all processes
         config = config.model_copy(update={"decode_threads": share})
-    for env, name in (("PROMETHEUS_MULTIPROC_DIR", "prometheus"), ("WORKER_COUNTS_DIR", "connections")):
-        folder = Path(config.state_dir) / f"{name}-{port}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        os.environ[env] = str(folder.resolve())
+    folder = Path(config.state_dir) / f"prometheus-{port}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder.resolve())
     config.to_environment()
     return config

@@ -57,7 +57,7 @@ def test_serve_flags_go_over_the_environment(monkeypatch):
 
 
 def test_worker_processes_get_the_resolved_settings_whatever_else_the_environment_says(monkeypatch, tmp_path):
-    for key in (CONFIG_ENV, "OMP_NUM_THREADS", "PROMETHEUS_MULTIPROC_DIR", "WORKER_COUNTS_DIR"):
+    for key in (CONFIG_ENV, "OMP_NUM_THREADS", "PROMETHEUS_MULTIPROC_DIR"):
         # set then removed, so that monkeypatch removes what serve sets here after the test too
         # (a variable it never saw would leak into every later test and server process)
         monkeypatch.setenv(key, "")
@@ -70,7 +70,7 @@ def test_worker_processes_get_the_resolved_settings_whatever_else_the_environmen
     assert worker == config.model_copy(update={"decode_threads": share})
     assert json.loads(os.environ[CONFIG_ENV])["api_token"] == "t"
     assert os.environ["OMP_NUM_THREADS"] == str(share)
-    for env, name in (("PROMETHEUS_MULTIPROC_DIR", "prometheus"), ("WORKER_COUNTS_DIR", "connections")):
-        assert os.environ[env] == str((tmp_path / f"{name}-8765").resolve()) and (tmp_path / f"{name}-8765").is_dir()
+    folder = tmp_path / "prometheus-8765"
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(folder.resolve()) and folder.is_dir()
     monkeypatch.delenv(CONFIG_ENV)
     assert ServiceConfig.from_environment().top_k == 9  # without serve's settings: the environment's

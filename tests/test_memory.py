@@ -121,6 +121,58 @@ def test_cached_same_batch_never_writes_one_slot_twice():
     assert m.labels.tolist() == [0, 0, 0]
 
 
+def test_cached_batch_of_a_class_replaces_its_slots_least_similar_to_any_of_its_examples():
+    """The fixed-work rule (docs/memory.md): the batch's examples of a class replace the slots
+    of that class ranked by their lowest similarity to any of them, the k-th example the k-th
+    slot; an example of a class the memory lacks takes the least similar slot left overall."""
+    g = torch.Generator().manual_seed(3)
+    m = make("cached", capacity=10, dim=6, classes=3, sim_threshold=1.0)
+    m.update(torch.randn(10, 6, generator=g), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1]))
+    f, y = torch.randn(5, 6, generator=g), torch.tensor([0, 1, 0, 2, 0])
+    sims = m.similarity(f)  # (5, 10)
+    zero_slots = torch.arange(6)
+    lowest = sims[[0, 2, 4]][:, zero_slots].min(0).values  # each class-0 slot's lowest similarity
+    expect0 = zero_slots[lowest.argsort()[:3]].tolist()
+    expect1 = 6 + int(sims[1, 6:].argmin())
+    left = [s for s in range(10) if s not in expect0 + [expect1]]
+    expect2 = left[int(sims[3, left].argmin())]
+    counts = [6, 4, 1]
+    counts[int(m.labels[expect2])] -= 1  # the class whose slot the class-2 example took
+    rep = m.update(f, y)
+    assert rep.slot.tolist() == [expect0[0], expect1, expect0[1], expect2, expect0[2]]
+    assert rep.action.tolist() == [REPLACED] * 5
+    assert m.labels[expect2].item() == 2 and m.class_counts().tolist() == counts
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_that_writes_nothing_leaves_the_state_as_it_was(kind):
+    """Every row skipped: the fixed-size write sends them all to slot 0 with what it holds."""
+    m = make(kind, capacity=3, sim_threshold=0.9)
+    m.update(torch.eye(3), torch.tensor([0, 1, 2]))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rep = m.update(torch.eye(3) * 2, torch.tensor([2, 0, 1]))  # exact duplicates: skipped
+    assert rep.action.tolist() == [SKIPPED] * 3
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_skipped_rows_beside_a_write_leave_only_the_written_slot_changed(kind):
+    m = make(kind, capacity=3, sim_threshold=0.9)
+    m.update(torch.eye(3), torch.tensor([0, 1, 2]))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    q = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 3.0]])  # duplicate, new, duplicate
+    rep = m.update(q, torch.tensor([1, 1, 2]))
+    assert rep.action.tolist() == [SKIPPED, REPLACED, SKIPPED]
+    s = int(rep.slot[1])
+    assert torch.allclose(F.normalize(m.keys[s].detach(), dim=0), q[1]) and m.labels[s] == 1
+    assert int(m.written_at[s]) == 4 and int(m.writes) == 4 and int(m.replacements) == 1
+    for k, v in m.state_dict().items():  # every other slot as it was
+        if v.dim() and v.shape[0] == 3:
+            rest = [i for i in range(3) if i != s]
+            assert torch.equal(v[rest], before[k][rest]), k
+
+
 def test_trainable_replaces_least_confident_slot():
     m = make("trainable", capacity=3, sim_threshold=0.99)
     m.update(torch.eye(3), torch.tensor([0, 1, 2]))

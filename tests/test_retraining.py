@@ -41,6 +41,14 @@ def train_tiny(store, seed, ds, taught=None, name="fm"):
     return run_training(tc, cc, policy, ds=ds, taught=taught)
 
 
+@pytest.fixture(scope="module")
+def store_a(tmp_path_factory, data):
+    """The first model version (seed 0), trained once for the module's tests (read only)."""
+    store = tmp_path_factory.mktemp("store-a")
+    train_tiny(store, 0, data)
+    return store
+
+
 def recall(rt, images) -> float:
     labels = []
     for b in images.split(100):
@@ -49,16 +57,15 @@ def recall(rt, images) -> float:
     return sum(lab == NEW for lab in labels) / len(labels)
 
 
-def test_a_new_model_version_re_embeds_what_users_taught(tmp_path, data):
+def test_a_new_model_version_re_embeds_what_users_taught(tmp_path, data, store_a):
     bag = data.classes.index(NEW)
     shots = (data.train.labels == bag).nonzero().squeeze(1)[:20]
     held_out = data.test.images[data.test.labels == bag][:300]
-    train_tiny(tmp_path / "a", 0, data)
     train_tiny(tmp_path / "b", 1, data)
-    a_version, b_version = load_model(tmp_path / "a", "fm").version, load_model(tmp_path / "b", "fm").version
+    a_version, b_version = load_model(store_a, "fm").version, load_model(tmp_path / "b", "fm").version
     assert a_version != b_version
 
-    a = ModelRuntime(tmp_path / "a", "fm", tmp_path / "state")
+    a = ModelRuntime(store_a, "fm", tmp_path / "state")
     x = normalize(data.train.images[shots], a.loaded.input.mean, a.loaded.input.std)
     a.submit_feedback(a.embed(x), NEW, [Upload(png(im), "image/png") for im in data.train.images[shots]])
     recall_a = recall(a, held_out)
@@ -74,9 +81,8 @@ def test_a_new_model_version_re_embeds_what_users_taught(tmp_path, data):
     assert recall_b >= recall_a - 0.15, (recall_a, recall_b)
 
 
-def test_training_folds_taught_examples_in_and_export_writes_them(tmp_path, data):
-    train_tiny(tmp_path / "a", 0, data)
-    rt = ModelRuntime(tmp_path / "a", "fm", tmp_path / "state")
+def test_training_folds_taught_examples_in_and_export_writes_them(tmp_path, data, store_a):
+    rt = ModelRuntime(store_a, "fm", tmp_path / "state")
     idx = (data.train.labels == data.classes.index(NEW)).nonzero().squeeze(1)[:12]
     x = normalize(data.train.images[idx], rt.loaded.input.mean, rt.loaded.input.std)
     r = rt.submit_feedback(rt.embed(x), NEW, [Upload(png(im), "image/png") for im in data.train.images[idx]])

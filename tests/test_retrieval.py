@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from service.core.memory import create_memory
-from service.core.retrieval import exact_topk
+from service.core.retrieval import DEFAULT_NPROBE, IVFIndex, default_nlist, exact_topk
 
 
 def clustered(n, d, centers=50, seed=0):
@@ -35,13 +35,15 @@ def test_exact_search_with_fewer_filled_than_k_pads_with_minus_inf():
     assert set(slot[0, :2].tolist()) == {3, 50} and torch.isinf(sim[:, 2:]).all()
 
 
-def test_ivf_index_recall_at_1_against_exact_search():
+def test_ivf_index_recall_at_1_against_exact_search_with_the_default_cells_and_probes():
     memory = create_memory("cached", capacity=20000, feature_dim=32, num_classes=10)
     keys = clustered(20000, 32, centers=200)
-    memory.update(keys, torch.arange(20000) % 10)
+    for start in range(0, 20000, 1000):  # a batch is compared with every slot: (batch, 20000)
+        memory.update(keys[start:start + 1000], torch.arange(start, start + 1000) % 10)
     q = clustered(300, 32, centers=200, seed=5)
     exact = memory.search(q, 1)[1]
-    memory.attach_index(nprobe=8)
+    memory.index = index = IVFIndex(memory.keys, memory.filled())
+    assert (index.nlist, index.nprobe) == (default_nlist(20000), DEFAULT_NPROBE)
     approx = memory.search(q, 1)[1]
     assert (approx == exact).float().mean() >= 0.95
 

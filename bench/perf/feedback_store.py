@@ -85,6 +85,8 @@ def server_env(args, models: Path, **extra) -> dict:
     if args.server_threads != "default":
         env["OMP_NUM_THREADS"] = args.server_threads
         env["MKL_NUM_THREADS"] = args.server_threads
+    if getattr(args, "taught_rows", "model") == "off":
+        env["TAUGHT_ROWS"] = "false"
     return env | extra
 
 
@@ -305,7 +307,8 @@ def cmd_throughput(args) -> None:
         print(f"{key:14s} {a['median']:8.1f} [{a['min']:.1f}-{a['max']:.1f}]   {v['p50_ms'].get('median', 0):8.1f}  "
               f"{v['p99_ms'].get('median', 0):8.1f}   non-200 {v['non_200']}")
     print("goals:", goals)
-    write_record("feedback_store-throughput", config, results, m)
+    suffix = "-no-taught-rows" if args.taught_rows == "off" else ""
+    write_record(f"feedback_store-throughput{suffix}", config, results, m)
 
 
 # --- 2. replication lag -------------------------------------------------------------------------
@@ -571,6 +574,9 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load discarded first")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pool", type=int, default=30_000, help="distinct images (a cell sending more repeats them)")
+    p.add_argument("--taught-rows", default="model", choices=["model", "off"],
+                   help="off: serve with TAUGHT_ROWS=false (no head-row refit after each feedback: what the "
+                        "request path itself sustains); record feedback_store-throughput-no-taught-rows")
     p.set_defaults(func=cmd_throughput)
     p = sub.add_parser("lag", help="replication lag between two processes on one store")
     p.add_argument("--samples", type=int, default=200)

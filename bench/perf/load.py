@@ -68,10 +68,11 @@ def answers(url: str, pngs: list[tuple[bytes, str]]) -> list[str]:
         return out
 
 
-def ceiling(model_name: str, pngs: list[bytes], repeats: int) -> dict:
+def ceiling(model_name: str, pngs: list[bytes], repeats: int, device: str = "cpu") -> dict:
     loaded = load_model(ROOT / "model_store", model_name)
-    model = loaded.model.for_inference()  # as every server runs it
-    decoded = torch.stack([decode_image(p, loaded.input, ImageLimits()) for p in pngs])  # (N, C, H, W)
+    model = loaded.model.for_inference().to(device)  # as every server runs it
+    decoded = torch.stack([decode_image(p, loaded.input, ImageLimits()) for p in pngs]).to(device)  # (N, C, H, W)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # GPU work ends before the clock reads
     out = {}
     for bs in (1, 8, 32, 64, 128, 256):
         x = decoded[:bs].repeat(max(1, 256 // bs) if bs < 256 else 1, 1, 1, 1)[:max(bs, 256)]
@@ -86,6 +87,7 @@ def ceiling(model_name: str, pngs: list[bytes], repeats: int) -> dict:
                 for b in batches:
                     model.predict(b)
                     n += len(b)
+                sync()
             runs.append(n / (time.perf_counter() - t0))
         out[bs] = spread(runs)
     best = max(out, key=lambda b: out[b]["median"])
@@ -95,7 +97,8 @@ def ceiling(model_name: str, pngs: list[bytes], repeats: int) -> dict:
         n = 0
         while time.perf_counter() - t0 < 1.0:
             for i in range(0, len(pngs) - best + 1, best):
-                model.predict(torch.stack([decode_image(p, loaded.input, ImageLimits()) for p in pngs[i:i + best]]))
+                model.predict(torch.stack([decode_image(p, loaded.input, ImageLimits())
+                                           for p in pngs[i:i + best]]).to(device))
                 n += best
         runs.append(n / (time.perf_counter() - t0))
     return {"images_per_second_by_batch": out, "best_batch": best, "best": out[best],
@@ -114,13 +117,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--record", default="load", help="name of the JSON record in bench/results/")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where every server runs its model (ours: DEVICE; LitServe: its accelerator)")
+    ap.add_argument("--images-zip", default=None, help="post the test/<class>/ images of this image-folder zip "
+                    "(e.g. the CIFAR-10 JPEG copy) as they are, instead of Fashion-MNIST test PNGs")
     args = ap.parse_args()
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    wrk_version = (subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+                   if "wrk" in args.generators else None)
     config = vars(args) | {"wrk": wrk_version, "hey": "hey (Debian)"}
     m = header(config)
 
-    images, labels, classes = fashion_mnist_pngs(args.images)
-    pngs = [(p, classes[int(y)]) for p, y in zip(images, labels)]
+    if args.images_zip:
+        pngs = zip_test_images(args.images_zip, args.images)
+    else:
+        images, labels, classes = fashion_mnist_pngs(args.images)
+        pngs = [(p, classes[int(y)]) for p, y in zip(images, labels)]
     runs: dict = {}  # (server, body, generator, clients) -> [run, ...]
     labels: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +140,7 @@ def main() -> None:
         write_bodies(tmp / "multipart", [multipart([p])[0] for p, _ in pngs])
         for rep in range(args.repeats):
             for kind in args.servers:  # alternated: every server once per repeat
-                server = launch(kind, args.model, tmp / f"state-{kind}-{rep}")  # fresh process, fresh state
+                server = launch(kind, args.model, tmp / f"state-{kind}-{rep}", device=args.device)  # fresh, empty
                 url = server.url
                 try:
                     got = answers(url, pngs)  # also the warm-up
@@ -159,13 +170,27 @@ def main() -> None:
                                                                          "cpu_s_per_request", "errors")}}
              for key, rs in runs.items()}
     results = {"answers": checks, "table": table}
-    results["ceiling"] = cl = ceiling(args.model, [p for p, _ in pngs], 3)
+    results["ceiling"] = cl = ceiling(args.model, [p for p, _ in pngs], 3, args.device)
     print(f"  ceiling: {cl['best']['median']:.0f} images/s at batch {cl['best_batch']} (model only), "
           f"{cl['with_decode_at_best_batch']['median']:.0f} images/s with PNG decoding", flush=True)
     results["ratios"] = ratios(table, args, cl)
     for k, v in results["ratios"].items():
         print(f"  {k}: {v}")
     write_record(args.record, config, results, m)
+
+
+def zip_test_images(path: str, n: int) -> list[tuple[bytes, str]]:
+    """n files of test/<class>/ in the zip, taken in turn from each class: (bytes, class)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        by_class: dict[str, list[str]] = {}
+        for name in sorted(z.namelist()):
+            parts = name.split("/")
+            if len(parts) == 3 and parts[0] == "test" and parts[2]:
+                by_class.setdefault(parts[1], []).append(name)
+        names = [f for group in zip(*by_class.values()) for f in group][:n]
+        return [(z.read(f), f.split("/")[1]) for f in names]
 
 
 def ratios(table: dict, args, cl: dict) -> dict:

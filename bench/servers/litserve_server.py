@@ -30,7 +30,8 @@ class MemoryClassifierAPI(ls.LitAPI):
         # would oversubscribe a 2-core machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers))
         self.loaded = load_model(self.store, self.model_name)
-        self.model = self.loaded.model.for_inference()  # as the service runs it
+        self.device = device  # LitServe's choice per worker: "cpu" or "cuda:N"
+        self.model = self.loaded.model.for_inference().to(device)  # as the service runs it
         self.limits = ImageLimits()
 
     def decode_request(self, request):
@@ -41,7 +42,7 @@ class MemoryClassifierAPI(ls.LitAPI):
         return torch.stack(inputs)  # (B, C, H, W)
 
     def predict(self, x):
-        p = self.model.predict(x)
+        p = self.model.predict(x.to(self.device, non_blocking=True)).cpu()
         return [{"label": self.loaded.classes[int(i)] if int(i) < len(self.loaded.classes) else str(int(i)),
                  "confidence": float(c), "path": path}
                 for i, c, path in zip(p.labels, p.confidence, p.paths)]
@@ -62,11 +63,13 @@ def main() -> None:
     ap.add_argument("--batch-timeout", type=float, default=0.002, help="seconds")
     ap.add_argument("--workers", type=int, default=1, help="LitServe workers_per_device (inference processes)")
     ap.add_argument("--slow-queue", action="store_true", help="multiprocessing queues instead of ZeroMQ")
+    ap.add_argument("--accelerator", default="cpu", help="LitServe's accelerator: cpu, cuda or auto")
     args = ap.parse_args()
     api = MemoryClassifierAPI(args.store, args.model, args.workers, max_batch_size=args.max_batch_size,
                               batch_timeout=args.batch_timeout)
     # fast_queue: ZeroMQ between the API and inference processes, LitServe's setting for >100 req/s
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, fast_queue=not args.slow_queue)
+    server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=args.workers,
+                          fast_queue=not args.slow_queue)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
 
 

@@ -112,6 +112,10 @@ def restore_checkpoint(state: dict, fingerprint: dict, model: torch.nn.Module, o
         raise CheckpointError(f"--resume: the checkpoint in {where} was written with other settings ("
                               + ", ".join(f"{k}={saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in differ[:5])
                               + "); pass the same flags, or leave out --resume to start afresh")
+    drawn_on = state["rng"].get("generator_device", "cpu")  # checkpoints written before it was kept: the CPU
+    if drawn_on != gen.device.type:
+        raise CheckpointError(f"--resume: the checkpoint in {where} drew its data order on {drawn_on}; a generator "
+                              f"on {gen.device.type} draws another: resume with --device {drawn_on}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])

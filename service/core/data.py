@@ -2,7 +2,8 @@
 
 Every loader returns a `Split` pair (train, test): images (N, C, H, W) uint8 and labels
 (N,) int64, with the class names. The whole set sits in memory (Fashion-MNIST 47 MB,
-CIFAR-10 180 MB), so batches are index slices and augmentation is a few tensor ops.
+CIFAR-10 180 MB), so batches are index slices and augmentation is a few tensor ops; training
+on a GPU moves the whole training split there once and draws and augments every batch there.
 """
 
 from __future__ import annotations
@@ -270,25 +271,30 @@ def validation_of(ds: Dataset, record: dict) -> Split:
     return val
 
 
-def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+def normalize(images: torch.Tensor, mean: list[float] | torch.Tensor, std: list[float] | torch.Tensor
+              ) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel, on the images' device.
+    `mean`, `std` per channel: lists, or (C,) float32 tensors already there (a training step:
+    no copy from the host)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255 - m) / s
 
 
 def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random translation by up to `pad` pixels (zero fill) and random horizontal flip, per
-    sample, as one gather: (B, C, H, W) -> (B, C, H, W)."""
+    sample, as one gather: (B, C, H, W) -> (B, C, H, W). Runs where the images are, drawing
+    from `generator` (on that device too): a batch on a GPU is augmented there."""
     B, C, H, W = images.shape
+    dev = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator)
-    rows = dy + torch.arange(H)  # (B, H)
-    cols = dx + torch.arange(W)  # (B, W)
+    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator, device=dev)
+    rows = dy + torch.arange(H, device=dev)  # (B, H)
+    cols = dx + torch.arange(W, device=dev)  # (B, W)
     if flip:
-        flipped = torch.rand(B, 1, generator=generator) < 0.5
+        flipped = torch.rand(B, 1, generator=generator, device=dev) < 0.5
         cols = torch.where(flipped, cols.flip(1), cols)
-    b = torch.arange(B).view(B, 1, 1)
+    b = torch.arange(B, device=dev).view(B, 1, 1)
     out = padded.permute(0, 2, 3, 1)[b, rows.unsqueeze(2), cols.unsqueeze(1)]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()

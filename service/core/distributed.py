@@ -20,8 +20,11 @@ process exactly as before; no process group is made.
   similarity computed from that same tensor: the same writes on every copy, so the copies stay
   tensor-equal. `check_same_memory` compares their sha256 after every epoch and stops the run
   (MemoryDiverged) if any differs, e.g. across machines whose float kernels round differently.
-- The memory's collectives run on a gloo group (the memory stays on the CPU, as in serving);
-  with --device cuda the network's gradients go through NCCL on the default group.
+- Where things run. The memory lives on the training device, so its per-step collectives
+  (`gather_batch`, `average_gradients`) run there, on the default group: gloo on the CPU,
+  NCCL between GPUs, packed tensors on the device (no copy to the host a step). What is read
+  on the host (epoch sums, evaluation answers, memory digests, barriers) goes through a gloo
+  group (`Comm.group`; the default group itself on the CPU).
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ def world_size_from_env() -> int:
 
 @dataclass
 class Comm:
-    """This process's place in the group, and the collectives training needs (CPU tensors)."""
+    """This process's place in the group, and the collectives training needs."""
     rank: int
     world_size: int
     local_rank: int
-    group: dist.ProcessGroup  # gloo: the memory, metrics and evaluation
-    # seconds spent in the per-step collectives of the memory since `reset_timings`
+    group: dist.ProcessGroup  # gloo, CPU tensors: metrics, evaluation, digests, barriers
+    device_group: dist.ProcessGroup  # the training device's backend, its tensors: the memory's per-step collectives
+    # seconds spent in the per-step collectives of the memory since `reset_timings` (on a GPU
+    # the time to queue them: the collectives run asynchronously)
     timings: dict[str, float] = field(default_factory=lambda: {"gather": 0.0, "memory_grads": 0.0})
 
     @property
@@ -68,11 +73,12 @@ class Comm:
         self.timings = {k: 0.0 for k in self.timings}
 
     # --- splitting work ------------------------------------------------------------------------
-    def share(self, n: int) -> torch.Tensor:
-        """Positions in a global batch of n that this process trains on: contiguous, equal
-        sizes for every process (positions past n wrap around to the batch's start)."""
+    def share(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Positions in a global batch of n that this process trains on, on `device` (the
+        batch's): contiguous, equal sizes for every process (positions past n wrap around to
+        the batch's start)."""
         per = math.ceil(n / self.world_size)
-        positions = torch.arange(per * self.world_size) % n
+        positions = torch.arange(per * self.world_size, device=device) % n
         return positions.view(self.world_size, per)[self.rank]
 
     def part(self, n: int) -> slice:
@@ -81,18 +87,18 @@ class Comm:
         return slice(min(n, self.rank * per), min(n, (self.rank + 1) * per))
 
     # --- collectives ---------------------------------------------------------------------------
-    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype)
-        dist.all_gather_single(out, t.contiguous(), group=self.group)
+    def _all_gather(self, t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        out = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        dist.all_gather_single(out, t.contiguous(), group=self.group if group is None else group)
         return out
 
     def gather_batch(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every process's (features (b, D), labels (b,)), b equal on all, concatenated in rank
-        order: ((W*b, D) float32, (W*b,) int64). One collective: labels ride as a float column
-        (exact below 2**24)."""
+        order: ((W*b, D) float32, (W*b,) int64), on the features' device. One collective:
+        labels ride as a float column (exact below 2**24)."""
         t0 = time.perf_counter()
-        packed = torch.cat([features.detach().float().cpu(), labels.cpu().float().unsqueeze(1)], 1)  # (b, D + 1)
-        out = self._all_gather(packed)
+        packed = torch.cat([features.detach().float(), labels.float().unsqueeze(1)], 1)  # (b, D + 1)
+        out = self._all_gather(packed, self.device_group)  # (W*b, D + 1)
         self.timings["gather"] += time.perf_counter() - t0
         return out[:, :-1], out[:, -1].long()
 
@@ -119,7 +125,7 @@ class Comm:
         t0 = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
+        dist.all_reduce(flat, group=self.device_group)
         flat /= self.world_size
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = g.view_as(p)
@@ -180,7 +186,7 @@ def setup(device: str, timeout_s: float) -> Comm | None:
     else:
         dist.init_process_group(backend_for(device), timeout=timeout)
         group = dist.group.WORLD
-    return Comm(dist.get_rank(), dist.get_world_size(), local_rank, group)
+    return Comm(dist.get_rank(), dist.get_world_size(), local_rank, group, dist.group.WORLD)
 
 
 def shutdown(comm: Comm | None) -> None:

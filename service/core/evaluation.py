@@ -36,22 +36,23 @@ def collect_predictions(model: EnhancedClassifier, images: torch.Tensor, mean, s
     """Head and memory answers for every image (eval mode, fp32): the raw material of
     evaluation and of the threshold sweep (which varies only the threshold, so the memory
     is read once, with the policy's neighbours and class balance). Across processes (`comm`)
-    each reads its part of the images and every process gets every answer.
+    each reads its part of the images and every process gets every answer. Runs on the
+    model's device (images are moved there a batch at a time); the answers come back on the CPU.
 
     images (N, C, H, W) uint8 -> {"head": (N,) int64, "mem_label": (N,) int64, "mem_conf": (N,) float}"""
     model.eval()
-    device = model.head.weight.device  # the memory stays on the CPU
+    device = model.head.weight.device  # the model's, its memory's too
     part = images if comm is None else images[comm.part(len(images))]
-    none = torch.zeros(0, dtype=torch.int64)  # a process with no part still gathers
-    out: dict[str, list] = {"head": [none], "mem_label": [none], "mem_conf": [torch.zeros(0)]}
+    none = torch.zeros(0, dtype=torch.int64, device=device)  # a process with no part still gathers
+    out: dict[str, list] = {"head": [none], "mem_label": [none], "mem_conf": [torch.zeros(0, device=device)]}
     for i in range(0, len(part), batch_size):
-        x = normalize(part[i:i + batch_size], mean, std).to(device).contiguous(memory_format=torch.channels_last)
+        x = normalize(part[i:i + batch_size].to(device), mean, std).contiguous(memory_format=torch.channels_last)
         logits, keys = model(x)  # (b, num_classes), (b, D)
-        r = model.retrieve(keys.float().cpu(), policy)
-        out["head"].append(logits.argmax(-1).cpu())
+        r = model.retrieve(keys.float(), policy)
+        out["head"].append(logits.argmax(-1))
         out["mem_label"].append(r.labels)
         out["mem_conf"].append(r.confidence)
-    preds = {k: torch.cat(v) for k, v in out.items()}
+    preds = {k: torch.cat(v).cpu() for k, v in out.items()}  # read on the host once: evaluate, gather_rows
     return preds if comm is None else {k: comm.gather_rows(v, len(images)) for k, v in preds.items()}
 
 

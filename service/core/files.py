@@ -31,7 +31,12 @@ def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename in `folder` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -50,3 +55,15 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(READ_PIECE):
             h.update(chunk)
     return h.hexdigest()
+
+
+def rename_hashed(folder: Path, prefix: str, suffix: str, write) -> tuple[Path, str]:
+    """Write a file whose name carries its content hash, `<prefix><sha12><suffix>`, atomically:
+    `write(path)` writes a temporary file beside it and returns its sha256 (hashed as written),
+    then it is renamed. Returns (path, sha256)."""
+    tmp = Path(folder) / f".{prefix}pending{suffix}"
+    digest = write(tmp)
+    path = Path(folder) / f"{prefix}{digest[:12]}{suffix}"
+    os.replace(tmp, path)
+    fsync_folder(folder)
+    return path, digest

@@ -21,6 +21,12 @@ Definitions (also in the README):
   An exact match (similarity >= `EXACT_MATCH`) is decisive: its label with confidence 1.
 - A trainable slot's *slot confidence* is the largest share of its class distribution: 1
   when its value is still the one-hot that was written, lower as training spreads it.
+
+Devices: all state is in buffers and parameters, so `memory.to(device)` moves all of it; every
+tensor made here is made on the memory's device. The training path (`similarity`,
+`contrastive_loss`, `update`) never waits for the device: no data-dependent Python branch, no
+boolean indexing, fixed-size writes (see `update` and `_commit`), so a CUDA step queues its
+kernels and runs on. Serving's writes (`teach`, `forget`) and searches may read results back.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .retrieval import IVFIndex, exact_topk
+from .retrieval import DEFAULT_NPROBE, IVFIndex, exact_topk
 from .routing import EMPTY
 EXACT_MATCH = 0.9999  # cosine similarity above which a stored item is the query itself
 
@@ -119,11 +125,15 @@ class Memory(nn.Module):
     def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:  # (..., C)
         raise NotImplementedError
 
-    def _write(self, slots: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor) -> None:
+    def _slot_rows(self, keys: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The kind's own per-slot state for (N, D) unit keys and (N,) labels: {name: (N, ...)}."""
         raise NotImplementedError
 
-    def _choose_replacements(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Slot each example (rows of sims, (N, M)) replaces; distinct slots, EMPTY = skip."""
+    def _choose_replacements(self, sims: torch.Tensor, labels: torch.Tensor, wants: torch.Tensor,
+                             available: torch.Tensor) -> torch.Tensor:
+        """The slot each row that `wants` ((N,) bool) replaces, among the `available` slots
+        ((M,) bool), from sims (N, M) and labels (N,): (N,) distinct slots, EMPTY = skip.
+        Fixed work: sorts and masked reductions, no data-dependent loop."""
         raise NotImplementedError
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -177,7 +187,8 @@ class Memory(nn.Module):
         sims = (q @ keys.T).float()  # (B, M)
         if not self.keys_are_unit:  # scale columns by 1/|key|: cheaper than normalising (M, D)
             sims = sims * self.keys.norm(dim=-1).clamp_min(1e-12).reciprocal()
-        return sims if self.size == self.capacity else sims.masked_fill(~self.filled(), float("-inf"))
+        # masked even when full (a no-op then): asking `size` would wait for the device
+        return sims.masked_fill(~self.filled(), float("-inf"))
 
     # --- retrieval -------------------------------------------------------------------------
     def search(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +214,7 @@ class Memory(nn.Module):
         return keys * self.norms[slots].unsqueeze(-1)
 
     @torch.no_grad()
-    def attach_index(self, nlist: int | None = None, nprobe: int = 16) -> IVFIndex:
+    def attach_index(self, nlist: int | None = None, nprobe: int = DEFAULT_NPROBE) -> IVFIndex:
         """Search through a faiss IVF index from now on, kept in step with every write.
         For serving: a trainable memory's keys also move by gradient steps, which the index
         would not see, so attach it only to a memory that is no longer trained."""
@@ -247,96 +258,133 @@ class Memory(nn.Module):
         p = softmax(cos(query, item) / temperature) over filled items; the loss of a query is
         -log(sum_m p_m * dist_m[label]), the probability mass on items of its class, computed
         for all classes at once as p @ dist. Queries whose class the memory does not hold add
-        nothing; with none left the loss is a differentiable zero. `similarity` (B, M) may be
-        passed when already computed.
+        nothing; with none left (an empty memory included) the loss is a differentiable zero.
+        `similarity` (B, M) may be passed when already computed. No host synchronisation.
         """
-        zero = features.sum() * 0.0
-        if self.size == 0:
-            return zero
         sims = self.similarity(features) if similarity is None else similarity  # (B, M), -inf on empty
         dist = self.slot_distribution()  # (M, C), zero rows for empty slots
         has_positive = (dist.sum(0) > 0)[labels]  # (B,) the memory holds the query's class
-        if not bool(has_positive.any()):
-            return zero
-        p = torch.softmax(sims / self.config.temperature, dim=-1)  # (B, M)
+        # -inf (empty slots) -> a finite floor: exp underflows to exactly 0 either way, but a
+        # row with every slot empty gives a uniform p instead of NaN (whose gradient would be
+        # NaN even where it is masked out below)
+        p = torch.softmax((sims / self.config.temperature).clamp_min(-1e4), dim=-1)  # (B, M)
         class_mass = p @ dist  # (B, C)
         mass = class_mass.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B,)
-        return -torch.log(mass[has_positive].clamp_min(1e-30)).mean()
+        per_query = -torch.log(torch.where(has_positive, mass, 1.0).clamp_min(1e-30))  # (B,) 0 without positives
+        # the mean over the queries with positives, as masked sum / count: no boolean indexing
+        # (its size would have to be read from the device); equal to .mean() when all have one
+        return per_query.sum() / has_positive.sum().clamp_min(1)
 
     def slot_distribution(self) -> torch.Tensor:
         """(M, C) class distribution of every slot, zero rows for empty slots."""
-        return self.class_distribution(torch.arange(self.capacity)) * self.filled().unsqueeze(-1)
+        slots = torch.arange(self.capacity, device=self.labels.device)
+        return self.class_distribution(slots) * self.filled().unsqueeze(-1)
 
     # --- writes ----------------------------------------------------------------------------
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Labels must lie in the label space. On the CPU a ValueError; on an accelerator an
+        asynchronous device assert, so that a training step does not wait to read the check."""
+        C = self.config.num_classes
+        if labels.device.type == "cpu":
+            if labels.numel() and (labels.min() < 0 or labels.max() >= C):
+                raise ValueError(f"labels must be in [0, {C}), got {labels.tolist()}")
+        else:
+            torch._assert_async(((labels >= 0) & (labels < C)).all(), f"labels must be in [0, {C})")
+
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor,
                similarity: torch.Tensor | None = None) -> UpdateReport:
         """Write a batch: fill empty slots in order, then apply the replacement rule.
         `similarity` (B, M), the batch against the memory before this call, may be passed
-        when already computed (training computes it for the loss)."""
-        B = features.shape[0]
-        features = features.detach().to(self.labels.device, torch.float32)
-        labels = labels.to(self.labels.device, torch.int64)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_classes):
-            raise ValueError(f"labels must be in [0, {self.config.num_classes}), got {labels.tolist()}")
-        action = torch.full((B,), SKIPPED, dtype=torch.int64)
-        slot = torch.full((B,), EMPTY, dtype=torch.int64)
-        previous = torch.full((B,), EMPTY, dtype=torch.int64)
+        when already computed (training computes it for the loss).
 
-        free = (~self.filled()).nonzero().squeeze(1)  # (E,) empty slots in index order
-        n_fill = min(B, free.numel())
-        if n_fill:
-            slot[:n_fill] = free[:n_fill]
-            action[:n_fill] = ADDED
-        rest = torch.arange(n_fill, B)
-        if rest.numel():
-            # compared with the memory as it is before this batch's own fills
-            sims = self.similarity(features[rest]) if similarity is None else similarity[rest].detach()  # (R, M)
-            best = sims.max(-1).values  # (R,)
-            wants = best < self.config.similarity_threshold  # (R,)
-            chosen = torch.full((rest.numel(),), EMPTY, dtype=torch.int64)
-            if bool(wants.any()):
-                taken = torch.zeros(self.capacity, dtype=torch.bool)
-                taken[slot[:n_fill]] = True
-                chosen[wants] = self._choose_replacements(
-                    sims[wants].masked_fill(taken, float("nan")), labels[rest][wants])
-            ok = chosen != EMPTY
-            slot[rest[ok]] = chosen[ok]
-            previous[rest[ok]] = self.labels[chosen[ok]]
-            action[rest[ok]] = REPLACED
+        Fixed work, no host synchronisation: every row goes through every stage under masks
+        (rows that fill, rows that replace, rows skipped), so the same kernels run whatever
+        the batch holds. The report's tensors are on the memory's device."""
+        B, M = features.shape[0], self.capacity
+        dev = self.labels.device
+        features = features.detach().to(dev, torch.float32)
+        labels = labels.to(dev, torch.int64)
+        self._check_labels(labels)
+        rows = torch.arange(B, device=dev)  # (B,)
 
-        w = slot != EMPTY
-        self._commit(slot[w], features[w], labels[w], int((action == REPLACED).sum()))
+        # the first rows fill the empty slots, in slot order: row i takes the (i+1)-th empty
+        # slot, M where fewer are empty
+        free_seen = (~self.filled()).cumsum(0)  # (M,) empty slots up to each slot
+        fill = torch.searchsorted(free_seen, rows + 1)  # (B,)
+        fills = fill < M  # (B,)
+        taken = torch.zeros(M + 1, dtype=torch.bool, device=dev)  # column M: rows that fill nothing
+        taken[torch.where(fills, fill, M)] = True
+        taken = taken[:M]  # (M,) slots this batch fills
+
+        # the other rows: compared with the memory as it is before this batch's own fills
+        sims = self.similarity(features) if similarity is None else similarity.detach()  # (B, M)
+        wants = ~fills & (sims.max(-1).values < self.config.similarity_threshold)  # (B,)
+        chosen = self._choose_replacements(sims, labels, wants, ~taken)  # (B,) EMPTY = skip
+
+        slot = torch.where(fills, fill, chosen)  # (B,)
+        replaced = ~fills & (chosen != EMPTY)  # (B,)
+        action = torch.where(fills, ADDED, torch.where(replaced, REPLACED, SKIPPED))  # (B,)
+        previous = torch.where(replaced, self.labels[slot.clamp_min(0)], EMPTY)  # (B,)
+        self._commit(slot, features, labels, slot != EMPTY, replaced)
         return UpdateReport(action, slot, previous)
 
-    def _commit(self, slots: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, replaced: int) -> None:
-        """Write distinct slots and keep the counters: the one place a slot changes."""
-        if not slots.numel():
-            return
-        keys = F.normalize(features, dim=-1)
-        self._notify_before_write(slots)
-        self._count_change(slots, labels)
-        self._write(slots, keys, labels)
-        self.norms[slots] = features.norm(dim=-1)
+    def _commit(self, slot: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, write: torch.Tensor,
+                replaced: torch.Tensor) -> None:
+        """Write rows `write` ((B,) bool) of the batch into their slots ((B,), distinct where
+        written) and keep the counters: the one place a slot changes.
+
+        The write has the batch's size whatever is written, so it never waits for the device
+        to say how many rows are written: a row not written is sent to the slot of the first
+        written row with that row's values (or, when nothing is written, to slot 0 with what
+        slot 0 holds). Every index that repeats carries identical values, so the result does not
+        depend on the order the device applies them in."""
+        if self.before_write or self.index is not None:  # serving: these read the written slots on the host
+            written = slot[write]
+            self._notify_before_write(written)
+        new = {"labels": labels, "norms": features.norm(dim=-1),
+               "written_at": self.writes + write.long().cumsum(0),  # the write counter, in row order
+               **self._slot_rows(F.normalize(features, dim=-1), labels)}  # {name: (B, ...)}
+        self._count_change(slot, labels, write)
+        any_written = write.any()  # () bool
+        # the first written row (0 when none), as a 1-element index: a 0-dim tensor index
+        # would be read on the host
+        first = write.long().argmax().view(1)  # (1,)
+        target = torch.where(write, slot, torch.where(any_written, slot[first], 0))  # (B,)
+        for name, rows in new.items():
+            state = getattr(self, name).data  # (M, ...)
+            donor = torch.where(any_written, rows[first], state[:1])  # (1, ...) what the target ends up holding
+            mask = write.view(-1, *[1] * (rows.dim() - 1))
+            state.index_put_((target,), torch.where(mask, rows.to(state.dtype), donor))
         if self.index is not None:
-            self.index.update(slots, keys)
-        self.labels[slots] = labels
-        self.written_at[slots] = self.writes + torch.arange(1, slots.numel() + 1)
-        self.writes += slots.numel()
-        self.replacements += replaced
+            self.index.update(written.cpu(), new["keys"][write].cpu())
+        self.writes += write.sum()
+        self.replacements += replaced.sum()
+
+    def _count_change(self, slots: torch.Tensor, new_labels: torch.Tensor | None,
+                      write: torch.Tensor | None = None) -> None:
+        """Keep held_per_class in step with labels[slots] becoming new_labels (None = emptied),
+        for the rows `write` ((B,) bool; None = all). index_add_, not bincount: bincount reads
+        its size from the device."""
+        write = torch.ones_like(slots, dtype=torch.bool) if write is None else write
+        old = self.labels[slots.clamp_min(0)]  # (B,)
+        gone = write & (old != EMPTY)
+        self.held_per_class.index_add_(0, old.clamp_min(0), -gone.long())
+        if new_labels is not None:
+            self.held_per_class.index_add_(0, new_labels, write.long())
 
     @torch.no_grad()
     def forget(self, slots: torch.Tensor) -> None:
         """Empty these slots (a user withdrew the examples they held): they are never returned
         again and the next write may fill them. Every row they had (key, value, norm, age) is
         zeroed, so no trace of the example stays in the state or in a snapshot of it."""
-        slots = slots.to(torch.int64).unique()
+        slots = slots.to(self.labels.device, torch.int64).unique()
         if not slots.numel():
             return
         self._notify_before_write(slots)
         self._count_change(slots, None)
         if self.index is not None:
-            self.index.remove(slots)
+            self.index.remove(slots.cpu())
         for name, rows in self.slot_tensors().items():
             rows.data[slots] = EMPTY if name == "labels" else 0
 
@@ -351,18 +399,21 @@ class Memory(nn.Module):
         slot, or, when full, the slot the replacement rule picks (without the skip test) among
         the slots not `protected` ((M,) bool: the service protects user-taught items, so that
         ten examples of a new class are ten items, not one rewritten ten times). When every
-        slot is protected, the rule picks among all of them.
+        slot is protected, the rule picks among all of them. Serving's path: it reads each
+        decision back to the host (a handful of examples a request). The report is on the
+        memory's device.
         """
-        protected = (torch.zeros(self.capacity, dtype=torch.bool) if protected is None
-                     else protected.clone().to(torch.bool))
-        features = features.detach().to(self.labels.device, torch.float32)
-        labels = labels.to(self.labels.device, torch.int64)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_classes):
-            raise ValueError(f"labels must be in [0, {self.config.num_classes}), got {labels.tolist()}")
+        dev = self.labels.device
+        protected = (torch.zeros(self.capacity, dtype=torch.bool, device=dev) if protected is None
+                     else protected.to(dev, torch.bool, copy=True))
+        features = features.detach().to(dev, torch.float32)
+        labels = labels.to(dev, torch.int64)
+        self._check_labels(labels)
         B = features.shape[0]
-        action = torch.full((B,), SKIPPED, dtype=torch.int64)
-        slot = torch.full((B,), EMPTY, dtype=torch.int64)
-        previous = torch.full((B,), EMPTY, dtype=torch.int64)
+        action = torch.full((B,), SKIPPED, dtype=torch.int64, device=dev)
+        slot = torch.full((B,), EMPTY, dtype=torch.int64, device=dev)
+        previous = torch.full((B,), EMPTY, dtype=torch.int64, device=dev)
+        one = torch.ones(1, dtype=torch.bool, device=dev)
         # a feedback request carries a handful of images: a loop keeps each one seeing the
         # writes of those before it
         for i in range(B):
@@ -377,52 +428,38 @@ class Memory(nn.Module):
                 target = (~self.filled()).nonzero()[0]
             else:
                 guard = protected if not bool(protected.all()) else torch.zeros_like(protected)
-                target = self._choose_replacements(sims.masked_fill(guard, float("nan")), y)
+                target = self._choose_replacements(sims, y, one, ~guard)
             target = int(target)
             protected[target] = True
             previous[i] = self.labels[target]
             action[i] = ADDED if int(previous[i]) == EMPTY else REPLACED
             slot[i] = target
-            self._commit(torch.tensor([target]), f, y, int(action[i] == REPLACED))
+            self._commit(slot[i:i + 1], f, y, one, action[i:i + 1] == REPLACED)
         return UpdateReport(action, slot, previous)
 
 
-def _assign_distinct(cost: torch.Tensor, k: int = 32) -> torch.Tensor:
-    """Give each row the column of lowest cost, no column twice (NaN = unavailable).
+def _rank_among(rows: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(N,) bool rows, (N,) group of each -> (N,) how many earlier `rows` share the row's group."""
+    onehot = F.one_hot(groups, num_groups) * rows.unsqueeze(1)  # (N, G)
+    return (onehot.cumsum(0) - onehot).gather(1, groups.unsqueeze(1)).squeeze(1)
 
-    Each row keeps its k cheapest columns as candidates; in rounds, every unassigned row
-    takes its cheapest candidate not yet taken, and where rows collide the first wins. The
-    rounds work on (rows, k) tensors; a row that runs out of candidates draws k new ones.
-    """
-    N, M = cost.shape
-    k = min(k, M)
-    full = cost.nan_to_num(nan=float("inf"))  # (N, M)
-    cand_cost, cand = full.topk(k, dim=-1, largest=False)  # (N, k), cheapest first
-    result = torch.full((N,), EMPTY, dtype=torch.int64)
-    taken = torch.zeros(M, dtype=torch.bool)
-    todo = torch.arange(N)
-    while todo.numel():
-        avail = torch.isfinite(cand_cost[todo]) & ~taken[cand[todo]]  # (T, k)
-        empty = ~avail.any(-1)
-        if bool(empty.any()):  # out of candidates: draw fresh ones, drop rows with none left
-            rows = todo[empty]
-            cand_cost[rows], cand[rows] = full[rows].masked_fill(taken, float("inf")).topk(k, -1, largest=False)
-            keep = torch.isfinite(cand_cost[rows, 0])
-            todo = torch.cat([todo[~empty], rows[keep]])
-            continue
-        pick = cand[todo, avail.int().argmax(-1)]  # (T,) first available candidate
-        order = torch.argsort(pick * N + torch.arange(pick.numel()), stable=True)  # by column, then row
-        first = torch.ones(pick.numel(), dtype=torch.bool)
-        first[order[1:]] = pick[order[1:]] != pick[order[:-1]]
-        result[todo[first]] = pick[first]
-        taken[pick[first]] = True
-        todo = todo[~first]
-    return result
+
+def _take_in_order(order: torch.Tensor, available: torch.Tensor, wants: torch.Tensor) -> torch.Tensor:
+    """The wanting rows, in row order, take the `available` columns in `order` (available ones
+    first), one each: (N,) column, EMPTY for rows that want none or find none left."""
+    rank = wants.long().cumsum(0) - 1  # (N,) place among the wanting rows
+    ok = wants & (rank < available.sum())
+    return torch.where(ok, order[rank.clamp(0, order.numel() - 1)], EMPTY)
 
 
 class CachedMemory(Memory):
-    """Stored features and labels. When full: replace, among the slots of the example's own
-    class, the one least similar to it; with no slot of its class, the least similar overall."""
+    """Stored features and labels. When full, the examples of a batch that want a slot
+    replace, among the slots of their own class, those least similar to them: the slots of
+    the class ranked by their lowest similarity to any of the batch's examples of the class,
+    the k-th example of the class (in batch order) taking the k-th slot. Examples left
+    without one (their class absent, or holding fewer slots than the batch brings) take, in
+    batch order, the slots least similar to any of them overall. One example alone (feedback)
+    takes the slot of its class least similar to it."""
 
     def __init__(self, config: MemoryConfig):
         super().__init__(config)
@@ -433,22 +470,31 @@ class CachedMemory(Memory):
     def class_distribution(self, slots: torch.Tensor) -> torch.Tensor:
         return F.one_hot(self.labels[slots].clamp_min(0), self.config.num_classes).float()
 
-    def _write(self, slots, keys, labels) -> None:
-        self.keys[slots] = keys
+    def _slot_rows(self, keys, labels) -> dict[str, torch.Tensor]:
+        return {"keys": keys}
 
-    def _choose_replacements(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        same_class = self.labels.unsqueeze(0) == labels.unsqueeze(1)  # (N, M)
-        has_class = same_class.any(-1, keepdim=True)  # (N, 1)
-        eligible = torch.where(has_class, same_class, torch.ones_like(same_class))
-        cost = sims.masked_fill(~eligible, float("nan"))  # least similar = lowest cost
-        chosen = _assign_distinct(cost)
-        # an example whose own-class slots were all taken this batch falls back to any slot
-        retry = chosen == EMPTY
-        if bool(retry.any()):
-            free_cols = torch.ones(self.capacity, dtype=torch.bool)
-            free_cols[chosen[~retry]] = False
-            chosen[retry] = _assign_distinct(sims[retry].masked_fill(~free_cols, float("nan")))
-        return chosen
+    def _choose_replacements(self, sims, labels, wants, available) -> torch.Tensor:
+        M, C, inf = self.capacity, self.config.num_classes, float("inf")
+        # own class: each slot's lowest similarity to the wanting examples of its class
+        own = (self.labels.unsqueeze(0) == labels.unsqueeze(1)) & available & wants.unsqueeze(1)  # (N, M)
+        score = torch.where(own, sims, inf).amin(0)  # (M,) inf: no such example
+        group = torch.where(torch.isfinite(score), self.labels, C)  # (M,) candidates by class, others last
+        order = torch.argsort(score, stable=True)  # (M,) least similar first ...
+        order = order[torch.argsort(group[order], stable=True)]  # ... within each class, classes in order
+        per_class = torch.zeros(C + 1, dtype=torch.int64, device=sims.device).index_add_(
+            0, group, torch.ones_like(group))  # (C + 1,) candidate slots of each class
+        start = per_class.cumsum(0) - per_class  # (C + 1,) where each class begins in `order`
+        rank = _rank_among(wants, labels, C)  # (N,) the example's place among its class's
+        placed = wants & (rank < per_class[labels])  # (N,)
+        chosen = torch.where(placed, order[(start[labels] + rank).clamp(max=M - 1)], EMPTY)  # (N,)
+        # the rest: the least similar slots overall, of those not just chosen
+        just_chosen = torch.zeros(M + 1, dtype=torch.bool, device=sims.device)  # column M: rows not placed
+        just_chosen[torch.where(placed, chosen, M)] = True
+        free = available & ~just_chosen[:M]  # (M,)
+        rest = wants & ~placed
+        score = torch.where(rest.unsqueeze(1) & free, sims, inf).amin(0)  # (M,)
+        fallback = _take_in_order(torch.argsort(score, stable=True), torch.isfinite(score), rest)
+        return torch.where(placed, chosen, fallback)
 
 
 class TrainableMemory(Memory):
@@ -468,23 +514,16 @@ class TrainableMemory(Memory):
         return v / v.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def slot_confidence(self) -> torch.Tensor:  # (M,)
-        return self.class_distribution(torch.arange(self.capacity)).max(-1).values
+        return self.class_distribution(torch.arange(self.capacity, device=self.values.device)).max(-1).values
 
-    def _write(self, slots, keys, labels) -> None:
-        self.keys.data[slots] = keys
-        self.values.data[slots] = F.one_hot(labels, self.config.num_classes).float()
+    def _slot_rows(self, keys, labels) -> dict[str, torch.Tensor]:
+        return {"keys": keys, "values": F.one_hot(labels, self.config.num_classes).float()}
 
-    def _choose_replacements(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        n = sims.shape[0]
-        available = ~torch.isnan(sims[0])  # slots not written earlier in this batch
-        cand = available.nonzero().squeeze(1)
-        by_age = cand[torch.argsort(self.written_at[cand], stable=True)]
-        conf = self.slot_confidence()[by_age]
+    def _choose_replacements(self, sims, labels, wants, available) -> torch.Tensor:
+        by_age = torch.argsort(self.written_at, stable=True)  # (M,) oldest first, then by slot
+        conf = torch.where(available, self.slot_confidence(), float("inf"))[by_age]  # unavailable last
         order = by_age[torch.argsort(conf, stable=True)]  # least confident, then oldest
-        chosen = torch.full((n,), EMPTY, dtype=torch.int64)
-        m = min(n, order.numel())
-        chosen[:m] = order[:m]
-        return chosen
+        return _take_in_order(order, available, wants)
 
 
 MEMORIES: dict[str, type[Memory]] = {"cached": CachedMemory, "trainable": TrainableMemory}

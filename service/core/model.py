@@ -9,6 +9,12 @@
 With `exit_stage="final"` the memory reads the backbone's last features and both paths
 cost the whole backbone. With an earlier exit ("stage1", ...) the memory path skips the
 later stages: a batch splits, and only the samples the memory does not answer go on.
+
+Devices: `model.to(device)` moves everything the model holds, the memory included (its state
+is buffers and parameters); the taught rows (taught.py, derived, not state) are brought to the
+features' device where they are read. Give `predict` images on the model's device: every
+tensor made on the way is made there, and the `Prediction` comes back there too
+(`Prediction.cpu()` moves it to the host in one go, for whoever reads it there).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn as nn
 from .backbones import create_backbone
 from .memory import EXACT_MATCH, MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
 from .routing import EMPTY, RoutingPolicy, route
-from .taught import TAUGHT_PER_LABEL, TaughtHead
+from .taught import TAUGHT_PER_LABEL, TaughtHead, TaughtRows
 
 MEMORY_KINDS = ("none", *MEMORIES)
 
@@ -103,6 +109,11 @@ class Prediction:
     @property
     def paths(self) -> list[str]:
         return ["memory" if m else "network" for m in self.used_memory.tolist()]
+
+    def cpu(self) -> "Prediction":
+        """The same prediction on the host: one copy of each field (none for fields already there)."""
+        return Prediction(self.labels.cpu(), self.confidence.cpu(), self.used_memory.cpu(), self.class_scores.cpu(),
+                          self.slot.cpu(), self.similarity.cpu(), dict(self.timings_ms))
 
     def select(self, rows: slice) -> "Prediction":
         """These rows of a batch's prediction (timings stay those of the whole batch)."""
@@ -205,7 +216,8 @@ class EnhancedClassifier(nn.Module):
     def predict(self, images: torch.Tensor, policy: RoutingPolicy | None = None,
                 read_memory: Callable[[torch.Tensor, RoutingPolicy], Retrieval] | None = None) -> Prediction:
         """Route each image through memory or network; see the module docstring. `read_memory`
-        replaces `self.retrieve` (the service wraps it in its memory lock)."""
+        replaces `self.retrieve` (the service wraps it in its memory lock). `images` on the
+        model's device; the Prediction is on that device (see `finish`)."""
         policy = self.policy if policy is None else policy
         t0 = time.perf_counter()
         keys, hidden = self.embed(images)  # (B, D), the exit's activations
@@ -218,30 +230,34 @@ class EnhancedClassifier(nn.Module):
 
     @torch.no_grad()
     def retrieve(self, keys: torch.Tensor, policy: RoutingPolicy | None = None) -> Retrieval:
-        """The memory's answer for (B, D) keys (an empty answer without memory)."""
+        """The memory's answer for (B, D) keys (an empty answer without memory), on the keys'
+        device (the memory's)."""
         policy = self.policy if policy is None else policy
-        B = keys.shape[0]
+        B, dev = keys.shape[0], keys.device
         if self.memory is not None and self.memory.size > 0:
             return self.memory.retrieve(keys, policy.neighbours, policy.class_balance)
-        return Retrieval(labels=torch.full((B,), EMPTY), confidence=torch.zeros(B),
-                         slots=torch.full((B, 1), EMPTY), similarity=torch.full((B, 1), float("-inf")),
-                         class_scores=torch.zeros(B, self.config.memory_classes))
+        return Retrieval(labels=torch.full((B,), EMPTY, device=dev), confidence=torch.zeros(B, device=dev),
+                         slots=torch.full((B, 1), EMPTY, device=dev),
+                         similarity=torch.full((B, 1), float("-inf"), device=dev),
+                         class_scores=torch.zeros(B, self.config.memory_classes, device=dev))
 
     @torch.no_grad()
     def taught_examples(self, slots: torch.Tensor, policy: RoutingPolicy | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """What the taught rows are fitted on: (features (N, D), labels (N,)) of the memory
         items in `slots` (the service passes the slots that hold feedback), the newest
-        TAUGHT_PER_LABEL of each label, so that the fit's cost stays bounded."""
+        TAUGHT_PER_LABEL of each label, so that the fit's cost stays bounded. On the memory's device."""
         policy = self.policy if policy is None else policy
         if self.taught is None or self.memory is None or not policy.taught_rows:
-            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)  # no rows to fit
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)  # no rows to fit (a fit runs on the host)
+        dev = self.memory.labels.device
+        slots = slots.to(dev)
         slots = slots[torch.argsort(self.memory.written_at[slots], descending=True, stable=True)]
         labels = self.memory.labels[slots]
         rank = torch.zeros_like(labels)
         for y in labels.unique():
             mine = labels == y
-            rank[mine] = torch.arange(int(mine.sum()))
+            rank[mine] = torch.arange(int(mine.sum()), device=dev)
         slots = slots[rank < TAUGHT_PER_LABEL]
         return self.memory.features_of(slots), self.memory.labels[slots]
 
@@ -254,21 +270,28 @@ class EnhancedClassifier(nn.Module):
     @torch.no_grad()
     def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy) -> Prediction:
         """Memory answer where `route` says so; the rest of the network (one batched call) for
-        the others. With taught rows the head is extended by them (see routing)."""
+        the others. With taught rows the head is extended by them (see routing).
+
+        Device: every tensor is made on `hidden`'s device (the model's), and the Prediction's
+        fields stay there: nothing is copied to the host here (`Prediction.cpu()` does it in
+        one go for a reader on the host). The timings are host clock readings: on an
+        asynchronous device they time the queueing of the work."""
         B, C, H = r.labels.shape[0], self.config.memory_classes, self.config.num_classes
+        dev = hidden.device
         t2 = time.perf_counter()
         used_memory = route(r.labels, r.confidence, policy, H)  # (B,)
-        probs = torch.zeros(B, C)
-        taught = torch.zeros(B, dtype=torch.bool)
+        probs = torch.zeros(B, C, device=dev)
+        taught = torch.zeros(B, dtype=torch.bool, device=dev)
         rows = self.taught.rows if policy.taught_rows and self.taught is not None else None  # read once
         if rows is not None and rows.labels.numel():  # exit final: `hidden` are the head's input features
+            rows = _rows_on(rows, dev)
             bias = torch.where(rows.labels >= H, policy.taught_bias, policy.correction_bias)  # (T,)
             logits = torch.cat([self.head(hidden).float(), rows.logits(hidden) + bias], 1)  # (B, H + T)
             # a taught row outscores every trained row; an exact match in memory still decides
             # (a taught image asked again is answered by its own item, confidence 1)
             exact = used_memory & (r.similarity[:, 0] >= EXACT_MATCH)  # (B,)
             taught = (logits.argmax(-1) >= H) & ~exact  # (B,)
-            to_label = torch.cat([torch.arange(H), rows.labels])  # (H + T,) the label of each row
+            to_label = torch.cat([torch.arange(H, device=dev), rows.labels])  # (H + T,) the label of each row
             probs.index_add_(1, to_label, torch.softmax(logits, -1))  # (B, C) a label's rows summed
             used_memory = used_memory & ~taught
         else:
@@ -283,6 +306,15 @@ class EnhancedClassifier(nn.Module):
         scores = torch.where(used_memory.unsqueeze(-1), r.class_scores, probs)
         used_memory = used_memory | taught  # answers of taught rows count as the memory path
         nearest_slot = r.slots[:, 0]
-        similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], torch.zeros(B))
+        similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], 0.0)  # (B,)
         timings = {"features": 0.0, "memory": 0.0, "head": 1e3 * (t3 - t2)}
         return Prediction(labels, confidence, used_memory, scores, nearest_slot, similarity, timings)
+
+
+def _rows_on(rows: TaughtRows, device: torch.device) -> TaughtRows:
+    """The taught rows on `device`: themselves when there already. They are derived, not
+    module state (taught.py), so `model.to(device)` does not move them, and a fit makes them
+    on the host; a handful of rows, copied where they are read."""
+    if rows.weight.device == device:
+        return rows
+    return TaughtRows(rows.weight.to(device), rows.bias.to(device), rows.labels.to(device))

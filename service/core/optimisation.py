@@ -5,6 +5,8 @@ the batch written into the memory. train.py runs it over the epochs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +35,12 @@ def make_optimizer(model: EnhancedClassifier, tc: TrainConfig, total_steps: int)
 def train_step(model: EnhancedClassifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                memory_loss_weight: float, label_smoothing: float, bf16: bool, *,
                ddp: torch.nn.Module | None = None, comm: distributed.Comm | None = None,
-               write_rows: int | None = None) -> tuple[float, float, float]:
+               write_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimisation step, then the batch's features are written to memory.
-    Returns (cross-entropy, memory loss, correct predictions).
+    Returns (cross-entropy, memory loss, correct predictions) as 0-dim tensors on x's device,
+    detached: the caller sums them there and reads them once an epoch, so that a step never
+    waits for the device (no .item() here, and the memory, on the model's device, is read
+    and written without host synchronisation: memory.py).
 
     Across processes, `x, y` are this process's share of the global batch, `ddp` the
     DistributedDataParallel wrapper of `model` (gradients averaged) and `comm` gathers every
@@ -44,29 +49,34 @@ def train_step(model: EnhancedClassifier, opt: torch.optim.Optimizer, x: torch.T
     tensor, so every memory receives the same writes (distributed.py)."""
     memory = model.memory
     device = x.device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         logits, features = (ddp or model)(x)  # (B, num_classes), (B, D)
     ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    # the CPU runs the (B, M) similarity on its bf16 units; a GPU runs it in fp32 beside the
+    # autocast network (it is small there)
     sim_dtype = torch.bfloat16 if bf16 and device == "cpu" else None
-    write_x, write_y = features.detach().float().cpu(), y.cpu()  # what the memory is written
+    write_x, write_y = features.detach().float(), y  # what the memory is written: (B, D), (B,)
     if comm is not None and memory is not None:
         write_x, write_y = comm.gather_batch(features, y)  # (W*B, D), (W*B,)
-    mem_loss, write_sims = torch.zeros(()), None
-    if memory is not None and memory_loss_weight > 0 and memory.size:
-        # one similarity matrix serves the loss and the write that follows
-        sims = memory.similarity(features.float().cpu(), sim_dtype)  # (B, M)
-        mem_loss = memory.contrastive_loss(features.cpu(), y.cpu(), similarity=sims)
+    mem_loss, write_sims = torch.zeros((), device=x.device), None
+    reads_memory = memory is not None and memory_loss_weight > 0
+    if reads_memory:
+        # one similarity matrix serves the loss and the write that follows; an empty memory
+        # gives a zero loss (asking its size would wait for the device)
+        sims = memory.similarity(features.float(), sim_dtype)  # (B, M)
+        mem_loss = memory.contrastive_loss(features, y, similarity=sims)
         write_sims = sims.detach()
         if comm is not None:  # the gathered batch against the memory before this step's writes and update
             with torch.no_grad():
                 write_sims = memory.similarity(write_x, sim_dtype)  # (W*B, M)
-    loss = ce + memory_loss_weight * mem_loss.to(ce.device)
+    loss = ce + memory_loss_weight * mem_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if comm is not None and write_sims is not None:  # the loss read the memory: on every process alike
+    if comm is not None and reads_memory:  # the loss read the memory: on every process alike
         comm.average_gradients(list(memory.parameters()))
     opt.step()
     if memory is not None:
         n = len(write_y) if write_rows is None else write_rows
         memory.update(write_x[:n], write_y[:n], similarity=None if write_sims is None else write_sims[:n])
-    return ce.item(), mem_loss.item(), (logits.argmax(-1) == y).sum().item()
+    correct = (logits.detach().argmax(-1) == y).sum()
+    return ce.detach(), mem_loss.detach(), correct

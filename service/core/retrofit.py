@@ -36,11 +36,12 @@ def fill_replay(model: EnhancedClassifier, images: torch.Tensor, labels: torch.T
     pick = torch.cat(picks)
     was_training = model.training
     model.eval()
-    feats = torch.cat([model.embed(normalize(images[b], mean, std).contiguous(memory_format=torch.channels_last))[1]
-                       for b in pick.split(500)])
+    device = model.head.weight.device
+    feats = torch.cat([model.embed(normalize(images[b].to(device), mean, std).contiguous(
+        memory_format=torch.channels_last))[1] for b in pick.split(500)])
     model.train(was_training)
     model.taught.replay_features.copy_(feats.float())
-    model.taught.replay_labels.copy_(labels[pick])
+    model.taught.replay_labels.copy_(labels[pick])  # copy_ brings them to the buffer's device
 
 
 def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None,

@@ -4,6 +4,9 @@
                                training metrics, {artifact file: sha256}
     weights-<sha12>.safetensors    backbone and head
     memory-<sha12>.safetensors     memory state (keys, labels, values, counters)
+    ivf-<sha12>.faiss              optional: the memory's trained IVF index, as faiss writes it
+                                   (manifest "index": its file and cells); derived state, so
+                                   not part of the model's version
     reports (metrics.json, ...)    listed with their sha256 too
 
 Artifact names carry their content hash and the manifest is replaced last, so a save is
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,13 +26,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
+from .files import atomic_write, rename_hashed, sha256_file
 from .model import ClassifierConfig, EnhancedClassifier
-from .files import atomic_write, sha256_file
-from .tensorfile import TensorFileError, read_header, read_into
+from .retrieval import IndexFileError, IVFIndex
 from .routing import RoutingPolicy
+from .tensorfile import TensorFileError, read_header, read_into
 
 FORMAT_VERSION = 2  # 2: the routing policy has its own section (1 kept it in the classifier's)
+INDEX_PREFIX, INDEX_SUFFIX = "ivf-", ".faiss"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+log = logging.getLogger(__name__)
 
 
 class ModelStoreError(Exception):
@@ -83,9 +90,20 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
+def model_version(artifacts: dict[str, str]) -> str:
+    """The model's version: a hash of its artifacts' hashes, the derived index's left out (a
+    model gains an index without becoming another model: its snapshots and vectors stay its own)."""
+    return sha256_bytes("".join(sorted(h for f, h in artifacts.items() if not is_index(f))).encode())[:12]
+
+
+def is_index(fname: str) -> bool:
+    return fname.startswith(INDEX_PREFIX) and fname.endswith(INDEX_SUFFIX)
+
+
 def save_model(store: str | Path, name: str, model: EnhancedClassifier, classes: list[str], input_spec: InputSpec,
                metrics: dict | None = None, reports: dict[str, bytes] | None = None, splits: dict | None = None) -> Path:
-    """Write the model to `<store>/<name>/`; returns that folder."""
+    """Write the model to `<store>/<name>/`; returns that folder. A memory with an index
+    attached (`memory.index`) has it saved too (`save_index`)."""
     d = model_dir(store, name)
     state = model.state_dict()
     weights = {k: v for k, v in state.items() if not k.startswith("memory.")}
@@ -100,7 +118,7 @@ def save_model(store: str | Path, name: str, model: EnhancedClassifier, classes:
     for fname, data in blobs.items():
         atomic_write(d / fname, data)
     artifacts = {f: sha256_bytes(b) for f, b in blobs.items()}
-    version = sha256_bytes("".join(sorted(artifacts.values())).encode())[:12]
+    version = model_version(artifacts)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -115,10 +133,46 @@ def save_model(store: str | Path, name: str, model: EnhancedClassifier, classes:
         "artifacts": artifacts,
     }
     atomic_write(d / "manifest.json", json.dumps(manifest, indent=2).encode())
-    for f in d.glob("*.safetensors"):  # superseded artifacts of an earlier save
+    _prune(d, artifacts)
+    if model.memory is not None and model.memory.index is not None:
+        save_index(store, name, model.memory.index)
+    return d
+
+
+def _prune(d: Path, artifacts: dict) -> None:
+    """Delete superseded artifacts of an earlier save (after the manifest that dropped them)."""
+    for f in [*d.glob("*.safetensors"), *d.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}")]:
         if f.name not in artifacts:
             f.unlink(missing_ok=True)
-    return d
+
+
+def save_index(store: str | Path, name: str, index: IVFIndex) -> Path:
+    """Add the memory's trained IVF index to a saved model (replacing any earlier one): the
+    file, then the manifest naming it. The model's version stays what it was. Returns the file."""
+    d = model_dir(store, name)
+    manifest = read_manifest(d)
+    path, digest = rename_hashed(d, INDEX_PREFIX, INDEX_SUFFIX, index.save)
+    artifacts = {f: h for f, h in manifest["artifacts"].items() if not is_index(f)} | {path.name: digest}
+    manifest = manifest | {"artifacts": artifacts,
+                           "index": {"kind": "ivf", "file": path.name, "nlist": index.nlist, "nprobe": index.nprobe,
+                                     "items": len(index)}}
+    atomic_write(d / "manifest.json", json.dumps(manifest, indent=2).encode())
+    _prune(d, artifacts)
+    return path
+
+
+def load_index(store: str | Path, name: str, manifest: dict, dim: int, nprobe: int | None = None) -> IVFIndex | None:
+    """The model's saved IVF index, or None when it has none (or its file is gone: the index is
+    derived state, rebuilt from the memory). A damaged file is refused: IndexFileError naming it."""
+    fname = (manifest.get("index") or {}).get("file")
+    if fname is None:
+        return None
+    d = model_dir(store, name)
+    if fname not in manifest["artifacts"] or not is_index(fname) or "/" in fname:
+        raise IndexFileError(f"{d / 'manifest.json'}: its index {fname!r} is not one of its artifacts")
+    if not (d / fname).exists():
+        return None
+    return IVFIndex.load(d / fname, manifest["artifacts"][fname], dim, nprobe)
 
 
 def read_manifest(d: Path) -> dict:
@@ -159,6 +213,7 @@ def checked_artifact(d: Path, manifest: dict, fname: str) -> Path:
 def load_model(store: str | Path, name: str) -> LoadedModel:
     """Rebuild the saved classifier exactly; any missing, tampered or mismatched artifact is
     refused with a ModelStoreError naming the file."""
+    t0 = time.perf_counter()
     d = model_dir(store, name)
     manifest = read_manifest(d)
     try:
@@ -200,4 +255,5 @@ def load_model(store: str | Path, name: str) -> LoadedModel:
     if len(manifest["classes"]) != config.num_classes:
         raise ModelStoreError(f"{d / 'manifest.json'}: {len(manifest['classes'])} class names for "
                               f"{config.num_classes} head classes")
+    log.info("model %s read and checked in %.2f s", d, time.perf_counter() - t0)
     return LoadedModel(model, list(manifest["classes"]), input_spec, manifest)

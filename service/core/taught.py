@@ -59,21 +59,25 @@ class TaughtHead(nn.Module):
     def fit(self, head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float) -> None:
         """One row per distinct label of the taught examples ((N, D) features, (N,) labels),
         the trained rows of `head` frozen. No examples (or no replay) = no rows."""
+        # the fit runs on the host (scipy drives it); the rows live where the model does
+        device = self.replay_features.device
+        features, labels = features.float().cpu(), labels.cpu()
         keep = features.norm(dim=-1) > 0  # a zero row: the memory does not know the feature's norm
         features, labels = features[keep], labels[keep]
         D = self.replay_features.shape[1]
         if not labels.numel() or not self.replay_labels.numel():
-            self.rows = TaughtRows(torch.zeros(0, D), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+            self.rows = TaughtRows(torch.zeros(0, D, device=device), torch.zeros(0, device=device),
+                                   torch.zeros(0, dtype=torch.int64, device=device))
             return
         row_labels = labels.unique()  # (T,) sorted: the same order in every process
         C, T = head.out_features, row_labels.numel()
         # float64 torch (its own thread pool, as the model's) for the loss; scipy drives L-BFGS-B
-        x = torch.cat([self.replay_features, features.float()]).double()  # (N, D)
+        x = torch.cat([self.replay_features.cpu(), features]).double()  # (N, D)
         xb = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (N, D + 1): bias as an input
-        target = torch.cat([self.replay_labels, C + torch.searchsorted(row_labels, labels)])  # (N,)
+        target = torch.cat([self.replay_labels.cpu(), C + torch.searchsorted(row_labels, labels)])  # (N,)
         weight = (1.0 / torch.bincount(target, minlength=C + T).double().clamp_min(1))[target]
         weight = weight / weight.sum()  # every trained class and every row weighs the same
-        trained = x @ head.weight.detach().double().T + head.bias.detach().double()  # (N, C), fixed
+        trained = x @ head.weight.detach().cpu().double().T + head.bias.detach().cpu().double()  # (N, C), fixed
         own = torch.zeros(len(x), T, dtype=torch.float64)  # (N, T) one-hot of each example's own row
         taught_ex = (target >= C).nonzero().squeeze(1)
         own[taught_ex, target[taught_ex] - C] = 1.0
@@ -91,4 +95,4 @@ class TaughtHead(nn.Module):
         fit = minimize(loss_and_grad, np.zeros(T * (D + 1)), jac=True, method="L-BFGS-B",
                        options={"maxiter": FIT_ITERATIONS, "ftol": 1e-10, "gtol": 1e-8})
         V = torch.from_numpy(fit.x).view(T, D + 1).float()
-        self.rows = TaughtRows(V[:, :D].contiguous(), V[:, D].contiguous(), row_labels)
+        self.rows = TaughtRows(V[:, :D].contiguous().to(device), V[:, D].contiguous().to(device), row_labels.to(device))

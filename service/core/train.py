@@ -3,7 +3,8 @@
     data      prepare_data             the splits: train / validation (seeded, class-stratified,
                                        carved out of the training set) / test
     model     classifier_for           the classifier, its config completed from the data set
-    loop      train_epoch, train_step  one-cycle SGD; each step writes the batch into the memory
+    loop      train_epoch, train_step  one-cycle SGD; each step writes the batch into the memory, all
+                                       on the training device (no step waits for it: train_steps)
               evaluate_epoch           per-epoch curves on the validation split
               write_checkpoint         with --checkpoint-dir, the state at each epoch's end
     threshold choose_routing_threshold the confidence threshold, chosen on the validation split
@@ -75,12 +76,15 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
     torch.manual_seed(tc.seed)  # the model's initial weights (data order and augmentation: `gen`)
     data = prepare_data(tc, ds, taught)
     run = Run(tc, data, comm, pad=tc.translation_for(data.dataset.image_size), bf16=tc.use_bf16(),
-              steps_per_epoch=math.ceil(len(data.train.labels) / tc.batch_size))
+              steps_per_epoch=math.ceil(len(data.train.labels) / tc.batch_size),
+              images=data.train.images.to(tc.device), labels=data.train.labels.to(tc.device))
 
     cc = replay_within_rarest_class(classifier_for(cc, data.dataset, tc.extra_memory_classes), data.train)
-    model = place(EnhancedClassifier(cc).to(memory_format=torch.channels_last), tc.device)
+    model = EnhancedClassifier(cc).to(tc.device, memory_format=torch.channels_last)  # the memory too
     opt, sched = make_optimizer(model, tc, tc.epochs * run.steps_per_epoch)
-    gen = torch.Generator().manual_seed(tc.seed)  # data order and augmentation, alike on every process
+    # data order and augmentation, alike on every process; on the data's device, so that
+    # drawing a batch never leaves it (a CUDA generator draws another stream than the CPU's)
+    gen = torch.Generator(device=tc.device).manual_seed(tc.seed)
     fingerprint = settings_fingerprint(tc, cc, policy, len(data.train.labels))
     run.say(describe(run, cc), flush=True)
 
@@ -96,7 +100,7 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
     sweep, policy = choose_routing_threshold(run, model, policy)
     model.policy = policy  # the test is evaluated with it, the model saved with it
     test = evaluate_on_test(run, model)
-    model = place(model, "cpu")  # the service's device: inference is timed and saved from here
+    model = model.to("cpu")  # the service's device: inference is timed and saved from here
     fill_replay(model, data.train.images, data.train.labels, data.mean, data.std, tc.seed)  # alike on every rank
     speed = evaluate_inference_speed(model, data.test.images, data.mean, data.std) if run.main else {}
     report = training_report(run, model, progress, sweep, test, speed)
@@ -173,14 +177,6 @@ def replay_within_rarest_class(cc: ClassifierConfig, train: Split) -> Classifier
     return replace(cc, replay_per_class=fewest)
 
 
-def place(model: EnhancedClassifier, device: str) -> EnhancedClassifier:
-    """The network on `device`; the memory stays on the CPU (its writes, the service's home)."""
-    for name, child in model.named_children():
-        if name != "memory":
-            child.to(device)
-    return model
-
-
 # --- the loop ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
@@ -191,6 +187,8 @@ class Run:
     pad: int  # the augmentation's translation, pixels
     bf16: bool
     steps_per_epoch: int
+    images: torch.Tensor  # (N, C, H, W) uint8: the training split on the training device, drawn from by index
+    labels: torch.Tensor  # (N,) int64, there too
 
     @property
     def main(self) -> bool:
@@ -217,37 +215,54 @@ class Progress:
 def train_epoch(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Generator,
                 ddp: torch.nn.Module | None, epoch: int) -> tuple[dict, float]:
     """One pass over the training split in the shared generator's order: (sums of the steps'
-    cross-entropy, memory loss, correct answers and images, over every process; seconds)."""
-    tc, train, comm = run.tc, run.data.train, run.comm
+    cross-entropy, memory loss, correct answers and images, over every process; seconds).
+    The steps run in `train_steps`; their sums are read here, once."""
     model.train()
     t0 = time.perf_counter()
-    perm = torch.randperm(len(train.labels), generator=gen)  # (N,) the same on every process
-    sums = {"ce": 0.0, "mem": 0.0, "correct": 0.0, "n": 0}
-    if comm is not None:
-        comm.reset_timings()
-    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch}/{tc.epochs}", disable=not (tc.progress and run.main),
-               leave=False)
-    for step in bar:
-        idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
-        images, labels = augment(train.images[idx], run.pad, tc.flip, gen), train.labels[idx]  # the global batch
-        if comm is not None:
-            mine = comm.share(len(idx))
-            images, labels = images[mine], labels[mine]  # this process's share: B / W of them
-        x = normalize(images, run.data.mean, run.data.std).to(tc.device).contiguous(
-            memory_format=torch.channels_last)  # (B, C, H, W) float
-        ce, mem, correct = train_step(model, opt, x, labels.to(tc.device), tc.memory_loss_weight,
-                                      tc.label_smoothing, run.bf16, ddp=ddp, comm=comm, write_rows=len(idx))
-        sched.step()
-        sums["ce"] += ce * len(labels)
-        sums["mem"] += mem * len(labels)
-        sums["correct"] += correct
-        sums["n"] += len(labels)
-        bar.set_postfix(ce=f"{ce:.3f}", mem=f"{mem:.3f}")
-    seconds = time.perf_counter() - t0
-    if comm is not None:
-        sums = dict(zip(sums, comm.sum(list(sums.values()))))  # every process's share (pads included)
-        comm.broadcast_buffers(model)  # rank 0's batch-norm statistics: the model rank 0 saves
+    perm = torch.randperm(len(run.labels), generator=gen, device=gen.device)  # (N,) the same on every process
+    if run.comm is not None:
+        run.comm.reset_timings()
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch}/{run.tc.epochs}",
+               disable=not (run.tc.progress and run.main), leave=False)
+    totals, n = train_steps(run, model, opt, sched, gen, ddp, perm, bar)
+    sums = dict(zip(("ce", "mem", "correct"), totals.tolist())) | {"n": n}  # the epoch's one read from the device
+    seconds = time.perf_counter() - t0  # the read above waited for the device's last step
+    if run.comm is not None:
+        sums = dict(zip(sums, run.comm.sum(list(sums.values()))))  # every process's share (pads included)
+        run.comm.broadcast_buffers(model)  # rank 0's batch-norm statistics: the model rank 0 saves
     return sums, seconds
+
+
+def train_steps(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Generator | None,
+                ddp: torch.nn.Module | None, perm: torch.Tensor, steps) -> tuple[torch.Tensor, int]:
+    """The epoch's steps over the batches of `perm` ((N,) on the training device), numbered by
+    `steps`: (sums of cross-entropy, memory loss and correct answers, (3,) float64 on the
+    device; images, this process's).
+
+    Everything a step touches stays on the training device: the split (one uint8 tensor,
+    batches drawn by index), the augmentation (one batched gather), the memory; the step's
+    figures are summed there. Nothing here reads a value back from the device, so a GPU
+    never waits for the host between steps."""
+    tc, comm, N = run.tc, run.comm, len(perm)
+    dev = run.images.device
+    totals = torch.zeros(3, dtype=torch.float64, device=dev)  # ce, memory loss, correct
+    mean, std = torch.tensor(run.data.mean, device=dev), torch.tensor(run.data.std, device=dev)  # (C,) once
+    n = 0  # images, counted on the host
+    for step in steps:
+        idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]  # (B,)
+        images, labels = augment(run.images[idx], run.pad, tc.flip, gen), run.labels[idx]  # the global batch
+        B = min(tc.batch_size, N - step * tc.batch_size)
+        if comm is not None:
+            mine = comm.share(B, device=idx.device)
+            images, labels = images[mine], labels[mine]  # this process's share: B / W of them
+        x = normalize(images, mean, std).contiguous(memory_format=torch.channels_last)  # (b, C, H, W)
+        ce, mem, correct = train_step(model, opt, x, labels, tc.memory_loss_weight, tc.label_smoothing, run.bf16,
+                                      ddp=ddp, comm=comm, write_rows=B)
+        sched.step()
+        b = labels.shape[0]
+        totals += torch.stack([ce.double() * b, mem.double() * b, correct.double()])
+        n += b
+    return totals, n
 
 
 def evaluate_epoch(run: Run, model: EnhancedClassifier, policy: RoutingPolicy, epoch: int, sums: dict,
@@ -324,7 +339,8 @@ def write_checkpoint(run: Run, epoch: int, fingerprint: dict, progress: Progress
         save_checkpoint(run.tc.checkpoint_dir, epoch, {
             "fingerprint": fingerprint, "world_size": run.world, "history": progress.history,
             "memory_sync": progress.memory_sync, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state()}})
+            "scheduler": sched.state_dict(), "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
+                                                   "generator_device": gen.device.type}})
 
 
 # --- threshold, test, report, save --------------------------------------------------------------

@@ -63,7 +63,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata=RUN_ONLY)
     """Show tqdm progress bars."""
     device: str = field(default="cpu", metadata=RUN_ONLY)
-    """Where the network trains: cpu or cuda (a GPU per process, NCCL between processes; the memory stays on CPU)."""
+    """Where training runs: cpu or cuda (a GPU per process, NCCL between processes): the network, the memory, the training split and its augmentation."""
     checkpoint_dir: str | None = field(default=None, metadata=RUN_ONLY)
     """Write a checkpoint (model and memory, optimiser, schedule, RNG) here at the end of every epoch."""
     resume: bool = field(default=False, metadata=RUN_ONLY)

@@ -38,17 +38,17 @@ class ConsistentRead:
 
     def pieces(self):
         """The state_dict as of creation, as (name, tensor) pieces in `state_layout` order:
-        per-slot entries `rows` slots at a time."""
+        per-slot entries `rows` slots at a time; on the CPU wherever the memory lives."""
         try:
             live = {k: v.detach() for k, v in self.memory.slot_tensors().items()}
             for name in self.memory.state_layout():
                 if name in self.fixed:
-                    yield name, self.fixed[name]
+                    yield name, self.fixed[name].cpu()
                     continue
                 for start in range(0, self.memory.capacity, self.rows):
                     stop = min(start + self.rows, self.memory.capacity)
                     with self.lock:
-                        piece = live[name][start:stop].clone()
+                        piece = live[name][start:stop].to("cpu", copy=True)
                         for slot, before in self.saved.items():
                             if start <= slot < stop:
                                 piece[slot - start] = before[name]

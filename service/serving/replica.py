@@ -4,9 +4,10 @@ Every process applies the log in sequence order, one request at a time, exactly 
 applied its own requests live, so processes that have applied the same prefix hold
 bit-identical memories (`state_hash`).
 
-    restore   the newest valid snapshot of this model version, read in place; then the log
-              after it (examples this version has no vector for are re-embedded from their
-              stored images, in order)
+    restore   the newest valid snapshot of this model version, read in place; with an IVF
+              index, the newest saved one that passes its checks, made to hold that memory
+              (else one trained on a sample and saved); then the log after it (examples this
+              version has no vector for are re-embedded from their stored images, in order)
     apply     examples of one request taught together; a forget makes the memory what it
               would be had the example never been taught (rebuilt from the newest snapshot
               before it and the log after it)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -37,7 +39,8 @@ import torch
 from ..core.memory import ACTION_NAMES, EMPTY
 from ..core.model import EnhancedClassifier
 from ..core.preprocess import ImageError, ImageLimits, decode_image
-from ..core.store import LoadedModel, load_model
+from ..core.retrieval import IndexFileError, IVFIndex
+from ..core.store import LoadedModel, load_index, load_model
 from ..core.tensorfile import tensor_bytes
 from .consistent_read import ConsistentRead
 from .feedback_store import Event, FeedbackStore, FeedbackStoreError, StoreUnavailable
@@ -68,6 +71,9 @@ class ReplicaStats:
     last_snapshot_time: float | None = None
     last_snapshot_seq: int = 0
     restored_from_seq: int = 0
+    index_source: str | None = None  # where the IVF index came from: a saved file, or "trained"
+    index_seconds: float = 0.0  # loading (and reconciling) or training it at start
+    index_retrains: int = 0  # new indexes trained in the background since (the memory outgrew one)
 
 
 class MemoryReplica:
@@ -91,14 +97,99 @@ class MemoryReplica:
         self._forgets: list[tuple[int, int]] = []  # (forget seq, example seq) applied: for snapshots in flight
         self._hash_cache: tuple[tuple, str] | None = None
         self._hash_lock = threading.Lock()  # one hash computation at a time; the others take its result
+        self._retraining: threading.Thread | None = None  # a new IVF index being trained in the background
 
     def restore(self, ivf_nprobe: int | None = None) -> None:
-        """Start: the newest valid snapshot, then the whole log after it; with `ivf_nprobe`,
-        an IVF index built from the restored memory, then kept in step by every write."""
+        """Start: the newest valid snapshot; with `ivf_nprobe`, the IVF index (`_attach_index`),
+        kept in step by every write from then on; then the whole log after the snapshot."""
         self._restore()
         if ivf_nprobe is not None:
-            self.memory.attach_index(nprobe=ivf_nprobe)
+            self._attach_index(ivf_nprobe)
         self.sync(progress=True)
+
+    # --- the IVF index ---------------------------------------------------------------------------
+    def _attach_index(self, nprobe: int) -> None:
+        """The newest saved index that passes its checks (beside the snapshots, then the model
+        store's), made to hold exactly the restored memory; without one, an index trained now on
+        a bounded sample and saved beside the snapshots for the next start."""
+        t0 = time.perf_counter()
+        index, source = self._saved_index(nprobe)
+        fixed = 0
+        if index is None:
+            index, source = self.memory.attach_index(nprobe=nprobe), "trained"
+            self._save_index(index)
+        else:  # saved from another state of this memory (before feedback, an older snapshot)
+            fixed = index.reconcile(self.memory.keys.detach(), self.memory.filled())
+            self.memory.index = index
+        self.stats.index_source, self.stats.index_seconds = source, time.perf_counter() - t0
+        log.info("IVF index from %s in %.2f s: %d items, %d cells, nprobe %d (%d slots re-read from the memory)",
+                 source, self.stats.index_seconds, len(index), index.nlist, index.nprobe, fixed)
+        self._retrain_if_outgrown()
+
+    def _save_index(self, index: IVFIndex) -> None:
+        """Beside the snapshots, for the next start; a failure costs that start a training, no more."""
+        try:
+            self.snapshots.write_index(self.applied_seq, index)
+        except OSError as e:
+            log.error("the IVF index could not be saved (%s); the next start trains it again", e)
+
+    def _saved_index(self, nprobe: int) -> tuple[IVFIndex | None, str | None]:
+        """(index, where it was saved), or (None, None). A damaged or foreign file is refused
+        loudly (logged as an error, never used) and the next one is tried."""
+        dim = self.memory.keys.shape[1]
+        candidates = [(sidecar.name, lambda s=sidecar: self.snapshots.load_index(s, dim, nprobe))
+                      for sidecar in self.snapshots.index_sidecars()]
+        candidates.append(("the model store", lambda: load_index(*self._source, self.loaded.manifest, dim, nprobe)))
+        for source, load in candidates:
+            try:
+                index = load()
+            except IndexFileError as e:
+                log.error("%s; the memory's index is taken from elsewhere or trained again", e)
+                continue
+            if index is not None:
+                return index, source
+        return None, None
+
+    def _retrain_if_outgrown(self) -> None:
+        """A memory that outgrew its index gets a new one, trained on a thread at background
+        priority: never on the request path. The caller holds the lock (or nothing runs yet)."""
+        index = self.memory.index
+        if index is None or self._retraining is not None or not index.outgrown(self.memory.size):
+            return
+        self._retraining = threading.Thread(target=self._retrain, name="ivf-retrain", daemon=True)
+        self._retraining.start()
+
+    def _retrain(self) -> None:
+        """Train a new index from the keys while predictions and writes go on: the slots
+        written meanwhile (the memory tells its listeners before each write) are read again
+        before it replaces the old one, under the lock."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        written: list[torch.Tensor] = []
+        with self.lock:
+            self.memory.before_write.append(written.append)
+            filled, rebuilds, nprobe = self.memory.filled(), self._rebuilds, self.memory.index.nprobe
+        try:
+            index = IVFIndex(self.memory.keys.detach(), filled, nprobe=nprobe)
+            sidecar = self.snapshots.write_index(self.applied_seq, index)
+            with self.lock:
+                keys, filled = self.memory.keys.detach(), self.memory.filled()
+                if rebuilds != self._rebuilds:  # a forget rebuilt the memory: the file may hold the example
+                    self.snapshots.remove(sidecar)
+                    index.reconcile(keys, filled)
+                elif written:
+                    index.refresh(torch.cat(written), keys, filled)
+                self.memory.index = index
+                self.stats.index_retrains += 1
+            log.info("IVF index trained again in the background: %d items, %d cells", len(index), index.nlist)
+        except Exception:
+            log.exception("training the IVF index again failed; the old one stays")
+        finally:
+            with self.lock:
+                self.memory.before_write.remove(written.append)
+                self._retraining = None
 
     def sync(self, upto: int | None = None, progress: bool = False) -> int:
         """Apply every committed event after `applied_seq` (at least up to `upto`); returns
@@ -210,6 +301,7 @@ class MemoryReplica:
             self.stats.feedback_applied += len(events)
             self._dirty = True
             self.fitter.changed()
+            self._retrain_if_outgrown()
 
     def _apply_forget(self, e: Event) -> None:
         """Make the memory what it would be had the example never been taught: the state a
@@ -247,8 +339,8 @@ class MemoryReplica:
             pristine = load_model(*self._source).model.memory
             self.memory.load_state_dict(pristine.state_dict())
             self.applied_seq = self.stats.restored_from_seq = 0
-        if self.memory.index is not None:  # rebuilt from the restored keys
-            self.memory.attach_index(nprobe=self.memory.index.nprobe)
+        if self.memory.index is not None:  # it held the memory before: made to hold the restored one
+            self.memory.index.reconcile(self.memory.keys.detach(), self.memory.filled())
 
     def _remember(self, o: FeedbackOutcome) -> None:
         self.outcomes[o.feedback_id] = o

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..core.model import Prediction
+from ..core.retrieval import DEFAULT_NPROBE
 from ..core.routing import EMPTY, RoutingPolicy
 from ..core.store import LoadedModel, load_model
 from .feedback_store import AppendResult, FeedbackStore, FeedbackStoreError, Upload, open_store
@@ -42,6 +43,15 @@ FIRST_ANSWER_WAIT = 10.0  # seconds a retry waits for the first request with its
 ORPHAN_AGE = 30.0  # a keyed request committed this long ago with no answer recorded: its process died
 
 __all__ = ["FeedbackOutcome", "FeedbackResult", "IdempotencyInFlight", "ModelRuntime", "Served"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """cpu, cuda (refused loudly when torch sees no GPU) or auto (cuda when it sees one)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but torch sees no GPU (DEVICE=auto falls back to the CPU)")
+    return torch.device(name)
 
 
 class IdempotencyInFlight(RuntimeError):
@@ -71,11 +81,12 @@ class Served:
 
 class ModelRuntime:
     def __init__(self, store: str | Path, name: str, state_dir: str | Path, policy_overrides: dict | None = None,
-                 index: str = "exact", nprobe: int = 16, protect_feedback: bool = True,
+                 index: str = "exact", nprobe: int = DEFAULT_NPROBE, protect_feedback: bool = True,
                  feedback_db: str | None = None, feedback: FeedbackStore | None = None,
-                 store_options: dict | None = None):
+                 store_options: dict | None = None, device: str = "cpu"):
         self.loaded: LoadedModel = load_model(store, name)
-        self.model = self.loaded.model.for_inference()
+        self.device = resolve_device(device)
+        self.model = self.loaded.model.for_inference().to(self.device)  # the memory's buffers go with it
         self.memory = self.model.memory
         self.version = self.loaded.version
         # the manifest's policy (chosen on the training run's validation split), with any
@@ -138,9 +149,9 @@ class ModelRuntime:
     # --- prediction --------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Served:
-        """(B, C, H, W) normalised images -> routed predictions."""
+        """(B, C, H, W) normalised images (on the CPU) -> routed predictions (on the CPU)."""
         t0 = time.perf_counter()
-        keys, hidden = self.model.embed(images)  # (B, D) memory keys, the exit's activations: no lock
+        keys, hidden = self.model.embed(images.to(self.device, non_blocking=True))  # (B, D) memory keys, the exit's activations: no lock
         t1 = time.perf_counter()
         with self.lock:  # the memory read, and the names of what it found, as of one moment
             r = self.model.retrieve(keys.float(), self.policy)
@@ -149,15 +160,15 @@ class ModelRuntime:
                     for s in slots]
             nearest = [self.vocab.name(int(self.memory.labels[s])) if s != EMPTY else None for s in slots]
         t2 = time.perf_counter()
-        p = self.model.finish(r, hidden, self.policy)
+        p = self.model.finish(r, hidden, self.policy).cpu()
         p.timings_ms.update(features=1e3 * (t1 - t0), memory=1e3 * (t2 - t1))
         return Served(p, fids, nearest)
 
     # --- feedback ------------------------------------------------------------------------------
     @torch.no_grad()
     def embed_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D) float32: the memory keys this model version stores."""
-        return self.model.embed(images)[0].float()
+        """(B, C, H, W) -> (B, D) float32 on the CPU: the memory keys this model version stores."""
+        return self.model.embed(images.to(self.device, non_blocking=True))[0].float().cpu()
 
     def embed(self, images: torch.Tensor) -> list[np.ndarray]:
         """The same, one (D,) array per image."""
@@ -250,6 +261,7 @@ class ModelRuntime:
     def memory_info(self) -> dict:
         """What /memory shows; takes the memory lock (call it off the event loop)."""
         base = {"policy": self.policy.to_dict(), "policy_overrides": dict(self.overrides),
+                "device": str(self.device),
                 "state_hash": self.state_hash(), "model_version": self.version, "pid": os.getpid()}
         if self.memory is None:
             return {"kind": "none", "capacity": 0, "size": 0, "per_class": {}, "replacements": 0, **base}

@@ -10,7 +10,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 from contextlib import asynccontextmanager
 
 import torch
@@ -21,7 +20,7 @@ from ..serving.runtime import ModelRuntime
 from ..serving.snapshots import SnapshotError
 from . import docs, inference_protocol, page
 from .errors import install_error_handlers
-from .middleware import BalanceConnections, LimitsAndMetrics, WorkerCounts
+from .middleware import LimitsAndMetrics
 from .routers import router
 from .settings import ServiceConfig
 from .state import AppState
@@ -36,14 +35,14 @@ async def lifespan(app: FastAPI):
     state.runtime = rt = await state.on_model_thread(
         lambda: ModelRuntime(cfg.model_store, cfg.model_name, cfg.state_dir, cfg.policy_overrides(),
                              cfg.memory_index, cfg.index_nprobe, cfg.protect_feedback, cfg.feedback_db,
-                             store_options=cfg.store_options()))
+                             store_options=cfg.store_options(), device=cfg.device))
     rt.start_tail(listener=state.metrics.tail_changed)  # what other processes commit
     spec = rt.loaded.input
     await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
     state.metrics.set_model_info(name=rt.loaded.name, version=rt.loaded.version, memory_kind=rt.model.config.memory,
                                  threshold=str(rt.policy.confidence_threshold),
                                  policy=json.dumps(rt.policy.to_dict(), sort_keys=True),
-                                 policy_overrides=json.dumps(rt.overrides, sort_keys=True))
+                                 policy_overrides=json.dumps(rt.overrides, sort_keys=True), device=str(rt.device))
     state.update_memory_gauges()
     state.start_batcher()
     # the libraries' and the model's objects live as long as the process: out of the
@@ -69,8 +68,6 @@ async def lifespan(app: FastAPI):
                 log.error("shutdown snapshot failed: %s", e)
         rt.close()
         state.metrics.process_exited()
-        if state.worker_counts is not None:
-            state.worker_counts.close()
         state.model_thread.shutdown(wait=True)
         state.decode_pool.shutdown(wait=True)
         state.snapshot_thread.shutdown(wait=True)
@@ -86,10 +83,6 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     app.state.service = state = AppState(config)
     app.add_middleware(LimitsAndMetrics, max_body=config.max_upload_bytes, metrics=state.metrics,
                        body_timeout=config.body_timeout, body_deadline=config.body_deadline)
-    # several processes (serve --workers N names the folder): even out their connections
-    folder = os.environ.get("WORKER_COUNTS_DIR")
-    state.worker_counts = WorkerCounts(folder) if folder else None
-    app.add_middleware(BalanceConnections, counts=state.worker_counts)  # outermost
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(inference_protocol.router)

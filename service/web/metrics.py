@@ -16,7 +16,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-MODEL_INFO_LABELS = ("name", "version", "memory_kind", "threshold", "policy", "policy_overrides")
+MODEL_INFO_LABELS = ("name", "version", "memory_kind", "threshold", "policy", "policy_overrides", "device")
 
 
 def multiprocess_dir() -> str | None:

@@ -98,6 +98,7 @@ class MemoryResponse(BaseModel):
     pid: int = Field(0, description="the server process that answered (several serve one port with --workers)")
     policy: dict = Field(default_factory=dict, description="the routing policy in force (manifest + overrides)")
     policy_overrides: dict = Field(default_factory=dict, description="policy fields set at serve time")
+    device: str = Field("cpu", description="where the model and its memory live (DEVICE)")
     state_hash: str = Field("", description="sha256 of the memory state: equal across processes exactly when "
                                             "their memories are")
 

@@ -84,9 +84,12 @@ class ServiceConfig(BaseSettings):
                                  "it is cancelled (503, nothing written)")
     protect_feedback: bool = Field(True, description="user-taught items are replaced only when nothing else "
                                                      "is left")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model and its memory live: cpu, "
+                                                    "cuda (the first GPU) or auto (cuda when torch sees one)")
     memory_index: Literal["exact", "ivf"] = Field("exact", description="memory search: exact (chunked matrix "
                                                   "product) or ivf (faiss IVF index, approximate)")
-    index_nprobe: int = Field(16, ge=1, description="IVF cells scanned per query (more: better recall, slower)")
+    index_nprobe: int = Field(12, ge=1, description="IVF cells scanned per query (more: better recall, slower; "
+                              "the default was chosen by recall@1 on held-out queries, BENCHMARKS.md)")
     max_batch_size: int = Field(32, description="most images the dynamic batcher runs together (1 = no batching)")
     max_batch_wait_ms: float = Field(0.0, description="longest a /predict request waits for others to join "
                                                       "its batch (0 = adaptive: run whatever is waiting as soon "

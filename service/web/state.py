@@ -29,7 +29,6 @@ class AppState:
         self.batcher: DynamicBatcher | None = None  # None: MAX_BATCH_SIZE 1, each request runs alone
         self.embed_batcher: DynamicBatcher | None = None  # /feedback's embeddings, batched the same way
         self.ready = False
-        self.worker_counts = None  # WorkerCounts when several processes serve (set by create_app)
         self.metrics = Metrics()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         # snapshots: one at a time, on a thread at background CPU priority, so that writing a
