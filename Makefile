@@ -34,10 +34,10 @@ data:
 serve: install
 	$(PY) -m service serve --host $(HOST) --port $(PORT)
 
-# one pytest process per core, each taking whole test files (a file's servers and PostgreSQL
-# cluster are set up once); the suite waits on servers and subprocesses much of its time
+# one pytest process per core; a process out of tests takes some from another (worksteal): the
+# slow server tests of one file do not all queue behind each other
 test: install data
-	$(PY) -m pytest tests -n auto --dist loadfile
+	$(PY) -m pytest tests -n auto --dist worksteal
 
 # The quick tier (under 90 s on 2 cores): unit tests and in-process API tests; no browser, no
 # PostgreSQL, no soak, no server processes (markers: pyproject.toml [tool.pytest.ini_options])

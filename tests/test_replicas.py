@@ -146,7 +146,9 @@ def client_loop(urls: list[str], traffic: Traffic, seed: int, deadline: float, m
     and write nothing), and deletions of acknowledged ids."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     kinds, weights = list(mix), list(mix.values())
-    with httpx.Client(timeout=60) as c:
+    # idle connections dropped before the server closes them (serve's keep-alive: 5 s, as
+    # httpx's default expiry): else a request sent as the server closes one is reset
+    with httpx.Client(timeout=60, limits=httpx.Limits(keepalive_expiry=2.0)) as c:
         for _ in range(max_requests):
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return
