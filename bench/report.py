@@ -108,7 +108,7 @@ def service_headline() -> str:
         f"(median of {res['start_to_ready_s']['n']}).",
         f"- `/predict`, one 28x28 PNG: p50 **{res['predict_ms']['p50']:.1f} ms**, "
         f"p99 **{res['predict_ms']['p99']:.1f} ms**; "
-        f"`/feedback` (committed durably and the taught head rows refitted before the answer; 200 corrections in a row): p50 **{res['feedback_ms']['p50']:.1f} ms**, "
+        f"`/feedback` (committed durably and the taught head rows refitted, at most 25 iterations, before the answer; 200 corrections in a row): p50 **{res['feedback_ms']['p50']:.1f} ms**, "
         f"p99 **{res['feedback_ms']['p99']:.1f} ms**.",
         f"- Bad input: {b['tried']} cases, {b['as_expected']} answered as expected (the refused ones a 4xx with a "
         f"JSON error, the {sum(c_['expected'] == 200 for c_ in b['cases'])} odd but valid images a 200), "

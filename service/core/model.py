@@ -30,7 +30,7 @@ import torch.nn as nn
 from .backbones import create_backbone
 from .memory import EXACT_MATCH, MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
 from .routing import EMPTY, RoutingPolicy, route
-from .taught import TAUGHT_PER_LABEL, TaughtHead, TaughtRows
+from .taught import FIT_ITERATIONS, TAUGHT_PER_LABEL, TaughtHead, TaughtRows
 
 MEMORY_KINDS = ("none", *MEMORIES)
 
@@ -261,11 +261,14 @@ class EnhancedClassifier(nn.Module):
         slots = slots[rank < TAUGHT_PER_LABEL]
         return self.memory.features_of(slots), self.memory.labels[slots]
 
-    def fit_taught(self, examples: tuple[torch.Tensor, torch.Tensor], policy: RoutingPolicy | None = None) -> None:
-        """Refit the taught head rows on `taught_examples(...)` (see service/core/taught.py)."""
-        if self.taught is not None:
-            policy = self.policy if policy is None else policy
-            self.taught.fit(self.head, *examples, policy.taught_l2)
+    def fit_taught(self, examples: tuple[torch.Tensor, torch.Tensor], policy: RoutingPolicy | None = None,
+                   iterations: int = FIT_ITERATIONS, warm: bool = False) -> bool:
+        """Refit the taught head rows on `taught_examples(...)` (see service/core/taught.py);
+        False when stopped after `iterations`, before the minimum."""
+        if self.taught is None:
+            return True
+        policy = self.policy if policy is None else policy
+        return self.taught.fit(self.head, *examples, policy.taught_l2, iterations, warm)
 
     @torch.no_grad()
     def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy) -> Prediction:

@@ -16,9 +16,14 @@ A label the head already has can have a taught row too: corrections of a known c
 (rotated photographs of a shoe) get a row of their own that maps to the same label.
 
 The fit minimises class-balanced cross-entropy over [trained logits, taught logits] plus
-`l2 * |V|^2`, from zero, in float64, by scipy's L-BFGS-B with its analytic gradient: the
-rows are a function of (trained head, replay features, taught examples) alone, so every
-process that applies the same feedback log fits the same rows.
+`l2 * |V|^2`, in float64, by scipy's L-BFGS-B with its analytic gradient. With l2 > 0 the
+loss is strictly convex: it has one minimum, a function of (trained head, replay features,
+taught examples) alone, and the rows are that minimum to within FIT_GTOL (the largest
+gradient component). A fit may stop after `iterations` and be continued later from the rows
+it left (`warm=True`: each row starts where the row of its label is, a new label at zero):
+the service bounds the fit on the request path this way and finishes it on its fitter thread
+(serving/fitter.py). Two processes that applied the same log hold the same minimum once their
+fits converged; their rows differ by the tolerance, not bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import torch.nn as nn
 from scipy.optimize import minimize
 
 TAUGHT_PER_LABEL = 256  # newest taught examples of a label its row is fitted on (bounds the fit's cost)
-FIT_ITERATIONS = 200  # L-BFGS-B's limit; it stops earlier once converged
+FIT_ITERATIONS = 3000  # L-BFGS-B's limit for a whole fit: far beyond what convergence takes
+FIT_GTOL = 1e-5  # converged: every component of the loss's gradient below this
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,12 @@ class TaughtHead(nn.Module):
         self.rows = TaughtRows(torch.zeros(0, feature_dim), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
 
     @torch.no_grad()
-    def fit(self, head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float) -> None:
+    def fit(self, head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float,
+            iterations: int = FIT_ITERATIONS, warm: bool = False) -> bool:
         """One row per distinct label of the taught examples ((N, D) features, (N,) labels),
-        the trained rows of `head` frozen. No examples (or no replay) = no rows."""
+        the trained rows of `head` frozen. No examples (or no replay) = no rows. At most
+        `iterations` L-BFGS-B steps, from zero or (`warm`) from the current rows; returns
+        False when it stopped there, before the minimum (FIT_GTOL): another call continues."""
         # the fit runs on the host (scipy drives it); the rows live where the model does
         device = self.replay_features.device
         features, labels = features.float().cpu(), labels.cpu()
@@ -68,7 +77,7 @@ class TaughtHead(nn.Module):
         if not labels.numel() or not self.replay_labels.numel():
             self.rows = TaughtRows(torch.zeros(0, D, device=device), torch.zeros(0, device=device),
                                    torch.zeros(0, dtype=torch.int64, device=device))
-            return
+            return True
         row_labels = labels.unique()  # (T,) sorted: the same order in every process
         C, T = head.out_features, row_labels.numel()
         # float64 torch (its own thread pool, as the model's) for the loss; scipy drives L-BFGS-B
@@ -92,7 +101,21 @@ class TaughtHead(nn.Module):
             g = (log_p[:, C:].exp() - own) * weight.unsqueeze(1)  # (N, T): d loss / d taught logits
             return float(loss), (g.T @ xb + 2 * l2 * decay * V).numpy().ravel()
 
-        fit = minimize(loss_and_grad, np.zeros(T * (D + 1)), jac=True, method="L-BFGS-B",
-                       options={"maxiter": FIT_ITERATIONS, "ftol": 1e-10, "gtol": 1e-8})
+        start = self._start(row_labels, D) if warm else torch.zeros(T, D + 1, dtype=torch.float64)  # (T, D + 1)
+        # ftol 0: stop on the gradient (the minimum), not on a stalled loss
+        fit = minimize(loss_and_grad, start.numpy().ravel(), jac=True, method="L-BFGS-B",
+                       options={"maxiter": iterations, "ftol": 0.0, "gtol": FIT_GTOL})
         V = torch.from_numpy(fit.x).view(T, D + 1).float()
         self.rows = TaughtRows(V[:, :D].contiguous().to(device), V[:, D].contiguous().to(device), row_labels.to(device))
+        return fit.status != 1  # 1: stopped at `iterations`; else at the minimum (or as near as float64 gets)
+
+    def _start(self, row_labels: torch.Tensor, D: int) -> torch.Tensor:
+        """(T, D + 1) float64: each label's current row (weight, bias), zeros for a new label."""
+        start = torch.zeros(len(row_labels), D + 1, dtype=torch.float64)
+        old = self.rows
+        if old.labels.numel():
+            at = torch.searchsorted(row_labels, old.labels.cpu()).clamp_max(len(row_labels) - 1)  # (T_old,)
+            kept = row_labels[at] == old.labels.cpu()  # old rows whose label still has examples
+            start[at[kept], :D] = old.weight.cpu().double()[kept]
+            start[at[kept], D] = old.bias.cpu().double()[kept]
+        return start

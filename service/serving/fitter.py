@@ -1,10 +1,16 @@
 """The taught head rows (core/taught.py) kept in step with the memory, on one thread.
 
 Every applied change to the memory calls `changed()`; `wait()` returns once the rows reflect
-every change made before it was called. One fitter thread refits for everything applied so
+every change made before it was called. One fitter thread fits for everything applied so
 far and wakes every waiter, so requests that arrive during a fit share the next one instead
-of queueing one each (and its megabytes of temporaries come from one malloc arena). The
-rows are a function of the applied log only, so every process fits the same rows.
+of queueing one each (and its megabytes of temporaries come from one malloc arena).
+
+A request waits for STEP_ITERATIONS of L-BFGS-B at most, started from the rows as they are
+(warm): the rows then hold its examples, near their minimum. While the minimum is not
+reached the thread goes on in steps of the same size between requests, so the rows converge
+to the one minimum of the applied log (taught.py) whatever the order of the fits: two
+processes that applied the same log agree to the fit's tolerance once `wait_converged()`
+returns in both.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from ..core.routing import EMPTY, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
+STEP_ITERATIONS = 25  # L-BFGS-B iterations a request waits for at most; the thread continues after
+
 
 class TaughtRowFitter:
     def __init__(self, model: EnhancedClassifier, policy: RoutingPolicy, lock: threading.RLock,
@@ -26,6 +34,8 @@ class TaughtRowFitter:
         self.model, self.policy, self.lock, self.slot_feedback = model, policy, lock, slot_feedback
         self.enabled = model.taught is not None  # a model without replay features has no rows
         self._changes = self._fitted = 0  # changes applied, and those the rows reflect
+        self._converged = True  # the rows are the minimum for the changes they reflect
+        self.steps = 0  # fits run (each at most STEP_ITERATIONS)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -35,7 +45,14 @@ class TaughtRowFitter:
         self._changes += 1
 
     def wait(self) -> None:
-        """Return once the rows reflect every change applied so far."""
+        """Return once the rows reflect every change applied so far (near their minimum)."""
+        self._wait(lambda target: self._fitted >= target)
+
+    def wait_converged(self) -> None:
+        """Return once the rows are the minimum for every change applied so far."""
+        self._wait(lambda target: self._fitted >= target and self._converged)
+
+    def _wait(self, done) -> None:
         if not self.enabled:
             return
         with self._cond:
@@ -44,24 +61,26 @@ class TaughtRowFitter:
                 self._thread = threading.Thread(target=self._loop, name="taught-fit", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-            while self._fitted < target and not self._stop.is_set():
+            while not done(target) and not self._stop.is_set():
                 self._cond.wait(1.0)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:
-                while self._fitted >= self._changes and not self._stop.is_set():
+                while self._fitted >= self._changes and self._converged and not self._stop.is_set():
                     self._cond.wait(1.0)
             with self.lock:  # the examples as of now; the fit itself leaves predictions free to run
                 target = self._changes
                 taught = (self.slot_feedback != EMPTY).nonzero().squeeze(1)  # (N,) slots users taught
                 examples = self.model.taught_examples(taught, self.policy)
             try:
-                self.model.fit_taught(examples, self.policy)
+                converged = self.model.fit_taught(examples, self.policy, STEP_ITERATIONS, warm=True)
             except Exception:  # keep serving with the rows as they were; the error is in the log
                 log.exception("fitting the taught head rows failed")
+                converged = True  # not retried until the next change
             with self._cond:
-                self._fitted = target
+                self._fitted, self._converged = target, converged
+                self.steps += 1
                 self._cond.notify_all()
 
     def close(self) -> None:
