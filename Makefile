@@ -35,7 +35,9 @@ serve: install
 	$(PY) -m service serve --host $(HOST) --port $(PORT)
 
 # one pytest process per core; a process out of tests takes some from another (worksteal): the
-# slow server tests of one file do not all queue behind each other
+# slow server tests of one file do not all queue behind each other. Each pytest process, and the
+# servers and training runs it starts, takes its share of the cores (OMP_NUM_THREADS, set in
+# tests/conftest.py): torch threads of processes that each take every core spin against each other
 test: install data
 	$(PY) -m pytest tests -n auto --dist worksteal
 

@@ -97,9 +97,10 @@ def pick(cls: type, ns: argparse.Namespace):
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
-# the routing settings `retrofit` may set on a trained model: all but the threshold, which
-# training chose on its validation split
-RETROFIT_POLICY = [f.name for f in dataclasses.fields(RoutingPolicy) if f.name != "confidence_threshold"]
+# the routing settings `retrofit` may set on a trained model: all but the thresholds, which
+# training chose (and retrofit chooses) on the validation split
+CHOSEN_ON_VALIDATION = ("confidence_threshold", "ood_threshold")
+RETROFIT_POLICY = [f.name for f in dataclasses.fields(RoutingPolicy) if f.name not in CHOSEN_ON_VALIDATION]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.set_defaults(func=train)
 
     p_retrofit = sub.add_parser("retrofit", help="give a model trained before online learning's pieces existed "
-                                                 "its replay features and taught-row settings; saves a new version")
+                                                 "its replay features, taught-row settings and ood_score "
+                                                 "calibration; saves a new version")
     p_retrofit.add_argument("--store", default="model_store", help="model store folder (default: model_store)")
     p_retrofit.add_argument("--name", required=True, help="model name in the store")
     p_retrofit.add_argument("--replay-per-class", type=int, default=100,
                             help="training images per class whose features the model keeps (default: 100)")
     p_retrofit.add_argument("--data-dir", default=None, help="where the data set is (as for train)")
-    add_flags(p_retrofit, dataclass_flags(RoutingPolicy, skip=("confidence_threshold",), unset="keep"))
+    p_retrofit.add_argument("--novelty-shrink", type=float, default=TrainConfig.novelty_shrink,
+                            help="covariance shrinkage of the ood_score's Gaussians (chosen on validation: "
+                                 f"bench/experiments/ood.py; default {TrainConfig.novelty_shrink})")
+    add_flags(p_retrofit, dataclass_flags(RoutingPolicy, skip=CHOSEN_ON_VALIDATION, unset="keep"))
     p_retrofit.set_defaults(func=retrofit)
 
     add_serve_parser(sub)
@@ -182,7 +187,7 @@ def retrofit(ns: argparse.Namespace) -> int:
 
     policy = {f: getattr(ns, f) for f in RETROFIT_POLICY}
     try:
-        d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy)
+        d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy, novelty_shrink=ns.novelty_shrink)
     except (ValueError, DatasetMissing, ModelStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@ import atexit
 import copy
 import gc
 import io
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +41,26 @@ def _save_tiny_model_once(store, name="tiny", *args, **kw):
 
 
 tests.helpers.save_tiny_model = _save_tiny_model_once  # before the test modules import it
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (`make test`: a test process per core) each test process, and every
+    server or training process it starts, takes its share of the cores, as `serve --workers N`
+    gives each of its processes (service.cli.prepare_worker_environment): torch's threads of
+    two processes that each take every core spin against each other and a training run takes
+    2-3 times as long. OMP_NUM_THREADS already set (by the user) is left as it is."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))  # the processes tests start
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this one (torch is imported already)
+
+
+_share_the_cores()
 
 
 @pytest.fixture

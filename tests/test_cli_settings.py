@@ -29,7 +29,7 @@ def test_every_config_field_is_a_flag_and_train_defaults_are_the_fields():
     serve = vars(parser.parse_args(["serve"]))
     assert all(serve[f] is None for f in ServiceConfig.model_fields)  # unset: the environment decides
     retrofit = vars(parser.parse_args(["retrofit", "--name", "m"]))
-    assert set(RETROFIT_POLICY) == names(RoutingPolicy) - {"confidence_threshold"}
+    assert set(RETROFIT_POLICY) == names(RoutingPolicy) - {"confidence_threshold", "ood_threshold"}  # chosen on validation
     assert all(retrofit[f] is None for f in RETROFIT_POLICY)  # unset: the model's setting is kept
 
 

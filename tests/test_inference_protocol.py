@@ -114,7 +114,7 @@ def test_model_metadata_gives_the_version_inputs_and_outputs(client, version):
         {("image", "BYTES", (-1,)), ("pixels", "UINT8", (-1, 1, 28, 28))}
     assert [(t["name"], t["datatype"]) for t in md["outputs"]] == [
         ("label", "BYTES"), ("label_index", "INT64"), ("confidence", "FP32"), ("path", "BYTES"),
-        ("class_scores", "FP32")]
+        ("ood_score", "FP32"), ("abstained", "BOOL"), ("class_scores", "FP32")]
     assert md["outputs"][-1]["shape"] == [-1, 10]
     assert client.get_model_metadata(MODEL, model_version=version) == md
 

@@ -220,13 +220,16 @@ def prediction() -> Prediction:
     return Prediction(labels=torch.tensor([0, 2]), confidence=torch.tensor([0.7, 0.8]),
                       used_memory=torch.tensor([True, False]), class_scores=scores,
                       slot=torch.tensor([5, -1]), similarity=torch.tensor([0.9, 0.0]),
+                      ood_score=torch.tensor([0.5, 9.0]), abstained=torch.tensor([False, True]),
                       timings_ms={"features": 1.0, "memory": 0.1, "head": 0.2})
 
 
 def test_the_outputs_are_read_from_the_predictions_tensors():
     t = prediction_tensors(prediction(), CLASSES.__getitem__, len(CLASSES))
     assert list(t) == list(OUTPUTS)
-    assert t["label"] == ("BYTES", [2], ["shirt", "bag"]) and t["path"] == ("BYTES", [2], ["memory", "network"])
+    assert t["label"] == ("BYTES", [2], ["shirt", "bag"]) and t["path"] == ("BYTES", [2], ["memory", "abstain"])
+    assert t["ood_score"].values.dtype == np.float32 and t["ood_score"].values.tolist() == [0.5, 9.0]
+    assert t["abstained"].datatype == "BOOL" and t["abstained"].values.tolist() == [False, True]
     assert t["label_index"].values.dtype == np.int64 and t["label_index"].values.tolist() == [0, 2]
     assert t["confidence"].values.dtype == np.float32 and t["confidence"].values.tolist() == pytest.approx([0.7, 0.8])
     assert t["class_scores"].shape == [2, 3] and t["class_scores"].values.dtype == np.float32
@@ -257,6 +260,8 @@ def test_the_answer_decodes_with_the_clients_own_decoder(binary):
     assert [s.decode() if isinstance(s, bytes) else s for s in result.as_numpy("label")] == ["shirt", "bag"]
     assert result.as_numpy("label_index").tolist() == [0, 2] and result.as_numpy("label_index").dtype == np.int64
     assert result.as_numpy("confidence").tolist() == pytest.approx([0.7, 0.8])
+    assert result.as_numpy("ood_score").tolist() == [0.5, 9.0]
+    assert result.as_numpy("abstained").tolist() == [False, True]
     assert result.as_numpy("class_scores").shape == (2, 3)
     assert np.allclose(result.as_numpy("class_scores"), [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
 
@@ -268,7 +273,7 @@ def test_only_the_outputs_asked_come_back_each_in_the_form_asked():
     wire = result.get_response()["outputs"]
     assert [o["name"] for o in wire] == ["path", "confidence"]
     assert "binary_data_size" in wire[0]["parameters"] and "data" in wire[1]
-    assert [s.decode() for s in result.as_numpy("path")] == ["memory", "network"]
+    assert [s.decode() for s in result.as_numpy("path")] == ["memory", "abstain"]
 
 
 def test_model_metadata_names_the_inputs_of_the_models_size():
@@ -319,3 +324,12 @@ def test_body_errors_and_the_web_layers_own_refusals_in_the_protocols_form():
     r = protocol_error_response(ApiError(404, "unknown_model", "unknown model 'x'"))
     assert r.status_code == 404 and json.loads(r.body) == {"error": "unknown model 'x'"}
     assert protocol_error_response(RuntimeError("a bug")) is None  # the app's handler logs it: 500
+
+
+def test_a_model_without_an_ood_score_answers_null_in_json():
+    p = prediction()
+    p.ood_score = torch.full((2,), float("nan"))
+    p.abstained = torch.zeros(2, dtype=torch.bool)
+    encoded = encode_response(request(), prediction_tensors(p, CLASSES.__getitem__, len(CLASSES)), "m", "1")
+    out = {o["name"]: o for o in json.loads(encoded.body)["outputs"]}
+    assert out["ood_score"]["data"] == [None, None] and out["abstained"]["data"] == [False, False]

@@ -32,7 +32,7 @@ def test_promtool_accepts_the_metrics(tmp_path, images):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_prometheus_scrapes_path_usage_and_latency(tmp_path, images):
+def test_prometheus_scrapes_path_usage_abstentions_and_latency(tmp_path, images):
     s = Server(tmp_path / "state", TOKEN).start()
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())  # the repo's file, made fast
     config["global"]["scrape_interval"] = "1s"
@@ -46,7 +46,7 @@ def test_prometheus_scrapes_path_usage_and_latency(tmp_path, images):
         taught = images[5][0]
         httpx.post(s.url + "/feedback", files={"file": ("x.png", taught, "image/png")}, data={"label": "Bag"},
                    headers=AUTH, timeout=30)
-        sent = {"memory": 0, "network": 0}
+        sent = {"memory": 0, "network": 0, "abstain": 0}  # abstain: "none of these" (a few of the test images)
         until, i = time.monotonic() + 6, 0  # traffic across several 1 s scrapes, so rate() has a slope
         while time.monotonic() < until:
             data = taught if i % 8 == 0 else images[i % len(images)][0]
@@ -68,6 +68,7 @@ def test_prometheus_scrapes_path_usage_and_latency(tmp_path, images):
                 break
             time.sleep(1)
         assert by_path == {k: float(v) for k, v in sent.items() if v}
+        assert sent["abstain"] and sent["memory"] and sent["network"]  # every path was counted, abstentions too
         p99 = query('histogram_quantile(0.99, sum by (le) (increase(http_request_duration_seconds_bucket'
                     '{endpoint="/predict"}[1m])))')
         assert p99, "no latency series"

@@ -139,17 +139,21 @@ class Traffic:
 
 
 def client_loop(urls: list[str], traffic: Traffic, seed: int, deadline: float, mix: dict[str, float],
-                max_requests: int = 500, stop: threading.Event | None = None, stop_on_error: bool = False) -> None:
+                max_requests: int = 500, stop: threading.Event | None = None, stop_on_error: bool = False,
+                pause: float = 0.0) -> None:
     """Bounded mixed traffic against random `urls`: predictions (of fresh and of taught images),
     feedback (1-3 images, new and known classes, most with an Idempotency-Key), retries of
     acknowledged keyed requests (same key, same body, any replica: must answer the same ids
-    and write nothing), and deletions of acknowledged ids."""
+    and write nothing), and deletions of acknowledged ids. `pause`: seconds between one
+    client's requests (a steady stream rather than as fast as the server answers)."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     kinds, weights = list(mix), list(mix.values())
     # idle connections dropped before the server closes them (serve's keep-alive: 5 s, as
     # httpx's default expiry): else a request sent as the server closes one is reset
     with httpx.Client(timeout=60, limits=httpx.Limits(keepalive_expiry=2.0)) as c:
-        for _ in range(max_requests):
+        for n in range(max_requests):
+            if n and pause:
+                time.sleep(pause)
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return
             url, kind = rng.choice(urls), rng.choices(kinds, weights)[0]
@@ -406,7 +410,7 @@ def test_three_replicas_on_postgresql_converge_under_mixed_traffic(servers, pg, 
     start_all(replicas)
     urls = [r.url for r in replicas]
     traffic = Traffic()
-    run_clients(32, urls, traffic, seconds=13, mix=MIXED, seed=1)
+    run_clients(32, urls, traffic, seconds=6, mix=MIXED, seed=1)
     assert_clean(traffic, tuple(MIXED))
     assert traffic.replays > 0 and traffic.forgotten and len(traffic.acked) > 20, traffic.status
     assert traffic.replay_body_differs == 0  # a retry gets the first answer byte for byte
@@ -431,7 +435,7 @@ def test_two_workers_on_sqlite_converge(model_store, tmp_path):
     try:
         w.start()
         traffic = Traffic()
-        run_clients(16, [w.url], traffic, seconds=8, mix=MIXED, seed=2)
+        run_clients(16, [w.url], traffic, seconds=5, mix=MIXED, seed=2)
         assert_clean(traffic, ("predict", "feedback"))
         assert w.proc.poll() is None
 
@@ -468,8 +472,12 @@ def test_a_replica_killed_mid_stream_catches_up_after_restart(servers, pg, tmp_p
     to_a, to_b = Traffic(), Traffic()
     stop_a, stop_b = threading.Event(), threading.Event()
     deadline = time.monotonic() + 120
+    # A's streams are steady (a request every 0.2 s a client), not as fast as A answers: the log
+    # moves while B is down and while B2 starts all the same, and how much it moves meanwhile
+    # (all of which B2 replays and the test reads back) does not grow with how slow the machine
+    # is. B's go as fast as B answers, so that the kill most likely lands mid-request.
     streams = [threading.Thread(target=client_loop, args=([a.url], to_a, 300 + i, deadline, {"feedback": 1}, 2000,
-                                                          stop_a)) for i in range(2)]
+                                                          stop_a, False, 0.2)) for i in range(2)]
     streams += [threading.Thread(target=client_loop, args=([b.url], to_b, 400 + i, deadline, {"feedback": 1}, 2000,
                                                            stop_b, True)) for i in range(2)]
     for t in streams:
@@ -536,7 +544,7 @@ def test_postgresql_outage_refuses_feedback_with_503_and_keeps_predicting(server
         before = dict(acked)
         own_pg.stop()
         try:
-            for i in range(6):
+            for i in range(2):  # each refusal waits out the store's connection timeout (5 s)
                 r = teach(c, LABELS[i])
                 assert unavailable(r), (r.status_code, r.text)
                 r = c.post(s.url + "/predict", files={"file": ("x.png", random_png(rng), "image/png")})
@@ -613,11 +621,12 @@ def test_a_10_s_postgresql_outage_under_load_loses_no_acknowledged_feedback_and_
     for t in threads:
         t.start()
     try:
-        time.sleep(4)
+        assert wait_until(lambda: status[200] >= 24, 60), status  # taught before the outage
         own_pg.stop()
         time.sleep(10)
         own_pg.start()
-        time.sleep(6)
+        n = len(acked)
+        assert wait_until(lambda: len(acked) >= n + len(threads), 60), status  # taught again after it
     finally:
         stop.set()
         for t in threads:
@@ -667,7 +676,7 @@ def test_two_replicas_of_two_workers_stay_within_30_postgresql_connections_under
                 watcher = threading.Thread(target=watch)
                 watcher.start()
                 try:
-                    run_clients(32, [w.url for w in replicas], traffic, seconds=10, mix=MIXED, seed=7)
+                    run_clients(32, [w.url for w in replicas], traffic, seconds=6, mix=MIXED, seed=7)
                 finally:
                     done.set()
                     watcher.join(10)

@@ -32,10 +32,11 @@ def data():
     return load_fashion_mnist()
 
 
-def train_tiny(store, seed, ds, taught=None, name="fm"):
-    tc = TrainConfig(name=name, store=str(store), epochs=2, batch_size=64, progress=False, seed=seed,
-                     exclude_classes=[] if taught else [NEW], limit_train=3000, limit_test=200,
-                     validation_size=500, lr=0.05)
+def train_tiny(store, seed, ds, taught=None, name="fm", **sizes):
+    """`sizes`: TrainConfig's over these (a test that reads no accuracy trains less)."""
+    tc = TrainConfig(**dict(name=name, store=str(store), epochs=2, batch_size=64, progress=False, seed=seed,
+                            exclude_classes=[] if taught else [NEW], limit_train=3000, limit_test=200,
+                            validation_size=500, lr=0.05) | sizes)
     cc = ClassifierConfig(backbone="small_resnet", memory="cached", memory_size=1500)
     policy = RoutingPolicy(class_balance=0.5, new_class_threshold=0.3)  # the shipped models' online settings
     return run_training(tc, cc, policy, ds=ds, taught=taught)
@@ -93,7 +94,9 @@ def test_training_folds_taught_examples_in_and_export_writes_them(tmp_path, data
     assert len(list((tmp_path / "export" / "train" / NEW).glob("*.png"))) == 11
     rt.close()
 
-    report = train_tiny(tmp_path / "c", 0, keep_classes(data, [NEW]), taught=(images, labels), name="folded")
+    # what is checked is what the run folded in and saved, not how well it learnt: one short epoch
+    report = train_tiny(tmp_path / "c", 0, keep_classes(data, [NEW]), taught=(images, labels), name="folded",
+                        epochs=1, limit_train=1500, limit_test=100, validation_size=200)
     loaded = load_model(tmp_path / "c", "folded")
     assert NEW in loaded.classes and loaded.manifest["data"]["taught_examples"] == 11
     assert report["classifier"]["num_classes"] == 10

@@ -54,7 +54,18 @@ def browser():
 
 @pytest.fixture
 def server(tmp_path):
+    """A server of its own, for a test that teaches (it expects feedback #1)."""
     s = Server(tmp_path, TOKEN).start()
+    yield s
+    if s.alive():
+        s.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for the tests that store nothing on it (they read pages, or are refused):
+    what one of them does cannot change what another sees."""
+    s = Server(tmp_path_factory.mktemp("review"), TOKEN).start()
     yield s
     if s.alive():
         s.kill(signal.SIGTERM)
@@ -170,8 +181,8 @@ def test_forgetting_the_feedback_reverts_the_answer(browser, server, tmp_path, i
     only_local_resources(browser, server)
 
 
-def test_a_text_file_is_refused_in_words(browser, server, tmp_path):
-    open_page(browser, server)
+def test_a_text_file_is_refused_in_words(browser, shared_server, tmp_path):
+    open_page(browser, shared_server)
     notes = tmp_path / "notes.txt"
     notes.write_text("this is not an image\n")
     card = upload(browser, notes)
@@ -181,8 +192,8 @@ def test_a_text_file_is_refused_in_words(browser, server, tmp_path):
     shot(browser, "4-refused")
 
 
-def test_a_wrong_token_is_reported_in_words(browser, server, tmp_path, images):
-    open_page(browser, server, token="not-the-token")
+def test_a_wrong_token_is_reported_in_words(browser, shared_server, tmp_path, images):
+    open_page(browser, shared_server, token="not-the-token")
     msg = until(browser, lambda d: text(d, "#feedback-msg"), "the feedback list message")
     assert msg.startswith("Feedback list unavailable: ") and "{" not in msg
     card = upload(browser, image_file(tmp_path, images, 2))
@@ -192,8 +203,8 @@ def test_a_wrong_token_is_reported_in_words(browser, server, tmp_path, images):
     assert error == "Token refused: the bearer token is not valid (HTTP 403, invalid_token)"
 
 
-def test_controls_are_labelled_and_focus_is_visible(browser, server):
-    open_page(browser, server, token=None)
+def test_controls_are_labelled_and_focus_is_visible(browser, shared_server):
+    open_page(browser, shared_server, token=None)
     unnamed = browser.execute_script("""
         const named = (e) => (e.labels && e.labels.length) || e.getAttribute('aria-label')
                              || e.getAttribute('aria-labelledby') || e.textContent.trim();
@@ -214,22 +225,22 @@ def test_controls_are_labelled_and_focus_is_visible(browser, server):
     assert focused.value_of_css_property("outline-style") == "solid"
 
 
-def test_docs_and_redoc_render_from_the_server_alone(browser, server):
-    browser.get(server.url + "/docs")
+def test_docs_and_redoc_render_from_the_server_alone(browser, shared_server):
+    browser.get(shared_server.url + "/docs")
     paths = until(browser, lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")],
                   "Swagger UI's operations")
     assert {"/predict", "/feedback", "/memory", "/v2/models/{model_name}/infer"} <= {p.replace("\u200b", "")
                                                                                      for p in paths}
-    only_local_resources(browser, server)
+    only_local_resources(browser, shared_server)
     shot(browser, "5-docs")
-    browser.get(server.url + "/redoc")
+    browser.get(shared_server.url + "/redoc")
     until(browser, lambda d: "/predict" in d.find_element(By.TAG_NAME, "body").text, "ReDoc's operations")
-    only_local_resources(browser, server)
+    only_local_resources(browser, shared_server)
 
 
-def test_the_page_loads_nothing_but_its_own_files(browser, server):
-    open_page(browser, server, token=None)
+def test_the_page_loads_nothing_but_its_own_files(browser, shared_server):
+    open_page(browser, shared_server, token=None)
     time.sleep(0.5)  # the memory and metrics requests of the first render
-    only_local_resources(browser, server)
+    only_local_resources(browser, shared_server)
     names = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert any(n.endswith("/static/app.js") for n in names) and any(n.endswith("/static/style.css") for n in names)

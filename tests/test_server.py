@@ -86,9 +86,11 @@ def feedback_stream(url, stop: threading.Event, acked: list, rng):
             acked.append((buf.getvalue(), int(label), r.json()["items"][0]["feedback_id"]))
 
 
-@pytest.mark.parametrize("round_", range(3))
-def test_kill_9_during_feedback_loses_nothing(server, round_):
-    rng = np.random.default_rng(round_)
+def test_kill_9_during_feedback_loses_nothing(server):
+    """One real kill -9 at a random moment of a feedback stream. Once, not in a loop: each
+    round asserts the same thing of the same code path (more rounds only try more moments,
+    ~10 s each); `make reliability` runs bench.checks.crash_recovery for many rounds."""
+    rng = np.random.default_rng(0)
     s = server()
     acked, stop = [], threading.Event()
     t = threading.Thread(target=feedback_stream, args=(s.url, stop, acked, rng))

@@ -113,7 +113,10 @@ def test_training_chooses_the_threshold_on_validation_and_saves_the_policy(tmp_p
     chosen = report["routing"]["confidence_threshold"]
     assert chosen == choose_threshold(sweep)
     loaded = load_model(tmp_path, "syn")
-    assert loaded.policy == RoutingPolicy(confidence_threshold=chosen, class_balance=0.5, new_class_threshold=0.4)
+    ood = loaded.policy.ood_threshold  # "none of these": chosen on the same validation split
+    assert ood is not None and report["routing"]["ood_threshold"] == ood and loaded.model.novelty.calibrated
+    assert loaded.policy == RoutingPolicy(confidence_threshold=chosen, class_balance=0.5, new_class_threshold=0.4,
+                                          ood_threshold=ood)
     assert loaded.manifest["data"]["validation_size"] == 100
     assert loaded.manifest["data"]["train_size"] == len(ds.train.labels) - 100
 

@@ -2,8 +2,9 @@
 `python -m service serve` process, every test image posted to /predict over HTTP.
 
 Fashion-MNIST: the test images as PNG files; CIFAR-10 (JPEG copy): the test JPEG files as
-they are in the zip. Reports accuracy, memory-path share, and the model's own training
-report (manifest) beside it.
+they are in the zip. Reports accuracy (an abstained answer's label is its best guess, counted
+like any other), memory-path share, the share that abstained ("none of these": path abstain),
+and the model's own training report (manifest) beside it.
 
     .venv/bin/python -m bench.checks.served_accuracy --dataset fashion-mnist
     .venv/bin/python -m bench.checks.served_accuracy --dataset cifar10
@@ -43,7 +44,7 @@ def main() -> None:
     files = test_files(args.dataset)
     with tempfile.TemporaryDirectory() as d:
         s = Server(Path(d), workers=None, MODEL_NAME=model).start()  # serve's default settings
-        right = memory = 0
+        right = memory = abstained = 0
         with httpx.Client(base_url=s.url, timeout=120) as c:
             for i in range(0, len(files), CHUNK):
                 chunk = files[i:i + CHUNK]
@@ -52,15 +53,18 @@ def main() -> None:
                 for p, (_, _, truth) in zip(r.json()["predictions"], chunk):
                     right += p["label"] == truth
                     memory += p["path"] == "memory"
+                    abstained += p["abstained"]  # label is still the best guess: counted in accuracy
             info = c.get("/memory").json()
         s.kill(15)
     manifest = load_model(ROOT / "model_store", model).manifest
     results = {"images": len(files), "accuracy": right / len(files), "memory_share": memory / len(files),
+               "abstained_share": abstained / len(files),
                "policy": info["policy"], "policy_overrides": info["policy_overrides"],
                "manifest_test_accuracy": manifest["metrics"]["test_accuracy"], "model_version": manifest["version"],
                "threshold_chosen_on": manifest["data"].get("threshold_chosen_on")}
     print(f"{model}: served accuracy {results['accuracy']:.4f} over {len(files)} test images via HTTP "
-          f"(training report: {results['manifest_test_accuracy']:.4f}), memory share {results['memory_share']:.3f}")
+          f"(training report: {results['manifest_test_accuracy']:.4f}), memory share {results['memory_share']:.3f}, "
+          f"abstained {results['abstained_share']:.3f}")
     write_record(f"served_accuracy-{args.dataset}", vars(args), results, m)
 
 

@@ -48,7 +48,7 @@ def main() -> None:
         s = Server(d, TOKEN, workers=None, **env).start()
         try:
             with httpx.Client(base_url=s.url, timeout=30) as c:
-                lat, paths = [], {"memory": 0, "network": 0}
+                lat, paths = [], {"memory": 0, "network": 0, "abstain": 0}
                 for i, (data, _) in enumerate(pngs[: args.warmup + args.requests]):
                     t = time.perf_counter()
                     r = c.post("/predict", files={"file": ("x.png", data, "image/png")})

@@ -80,6 +80,7 @@ class Retrieval:
     slots: torch.Tensor  # (B, k) int64 nearest slots, EMPTY where fewer than k are filled
     similarity: torch.Tensor  # (B, k) cosine similarity of those slots (-inf where EMPTY)
     class_scores: torch.Tensor  # (B, C) the neighbours' vote
+    ood_score: torch.Tensor | None = None  # (B,) how unlike everything known (core/novelty.py); None: not scored
 
 
 @dataclass

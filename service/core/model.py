@@ -30,6 +30,7 @@ import torch.nn as nn
 from .backbones import create_backbone
 from .memory import EXACT_MATCH, MEMORIES, Memory, MemoryConfig, Retrieval, create_memory
 from .routing import EMPTY, RoutingPolicy, route
+from .novelty import Novelty
 from .taught import FIT_ITERATIONS, TAUGHT_PER_LABEL, TaughtHead, TaughtRows
 
 MEMORY_KINDS = ("none", *MEMORIES)
@@ -63,6 +64,8 @@ class ClassifierConfig:
     """Key size of the projection trained at an early exit (unused with exit_stage final)."""
     replay_per_class: int = 100
     """Training images per class whose features the model keeps to fit taught head rows on (0: none; exit final only)."""
+    novelty: bool = True
+    """Score how unlike everything known each image is (ood_score; needs a memory): Gaussians fitted on its keys."""
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_KINDS:
@@ -103,22 +106,27 @@ class Prediction:
     class_scores: torch.Tensor  # (B, C_mem) memory vote on the memory path, head softmax otherwise
     slot: torch.Tensor  # (B,) nearest memory slot, EMPTY without one
     similarity: torch.Tensor  # (B,) its cosine similarity (0 without one)
+    ood_score: torch.Tensor  # (B,) how unlike everything known (core/novelty.py); NaN: the model has no score
+    abstained: torch.Tensor  # (B,) bool: ood_score over the policy's ood_threshold ("none of these")
     # per batch: features (up to the exit), memory, head (the rest of the network and the head)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
-        return ["memory" if m else "network" for m in self.used_memory.tolist()]
+        return ["abstain" if a else "memory" if m else "network"
+                for m, a in zip(self.used_memory.tolist(), self.abstained.tolist())]
 
     def cpu(self) -> "Prediction":
         """The same prediction on the host: one copy of each field (none for fields already there)."""
         return Prediction(self.labels.cpu(), self.confidence.cpu(), self.used_memory.cpu(), self.class_scores.cpu(),
-                          self.slot.cpu(), self.similarity.cpu(), dict(self.timings_ms))
+                          self.slot.cpu(), self.similarity.cpu(), self.ood_score.cpu(), self.abstained.cpu(),
+                          dict(self.timings_ms))
 
     def select(self, rows: slice) -> "Prediction":
         """These rows of a batch's prediction (timings stay those of the whole batch)."""
         return Prediction(self.labels[rows], self.confidence[rows], self.used_memory[rows], self.class_scores[rows],
-                          self.slot[rows], self.similarity[rows], dict(self.timings_ms))
+                          self.slot[rows], self.similarity[rows], self.ood_score[rows], self.abstained[rows],
+                          dict(self.timings_ms))
 
 
 class ExitProjection(nn.Module):
@@ -171,6 +179,10 @@ class EnhancedClassifier(nn.Module):
         self.taught: TaughtHead | None = None
         if config.replay_per_class and self.exit_index is None and self.memory is not None:
             self.taught = TaughtHead(self.feature_dim, config.replay_per_class * config.num_classes)
+        # "none of these": the ood_score of every answer, from the memory's keys (calibrated after training)
+        self.novelty: Novelty | None = None
+        if config.novelty and self.memory is not None:
+            self.novelty = Novelty(key_dim, config.memory_classes)
 
     def for_inference(self) -> "EnhancedClassifier":
         """Eval mode with the convolutions' weights in channels-last layout, which oneDNN runs
@@ -235,7 +247,10 @@ class EnhancedClassifier(nn.Module):
         policy = self.policy if policy is None else policy
         B, dev = keys.shape[0], keys.device
         if self.memory is not None and self.memory.size > 0:
-            return self.memory.retrieve(keys, policy.neighbours, policy.class_balance)
+            r = self.memory.retrieve(keys, policy.neighbours, policy.class_balance)
+            if self.novelty is not None and self.novelty.calibrated:
+                r.ood_score = self.novelty.score(self.memory, keys)
+            return r
         return Retrieval(labels=torch.full((B,), EMPTY, device=dev), confidence=torch.zeros(B, device=dev),
                          slots=torch.full((B, 1), EMPTY, device=dev),
                          similarity=torch.full((B, 1), float("-inf"), device=dev),
@@ -262,13 +277,13 @@ class EnhancedClassifier(nn.Module):
         return self.memory.features_of(slots), self.memory.labels[slots]
 
     def fit_taught(self, examples: tuple[torch.Tensor, torch.Tensor], policy: RoutingPolicy | None = None,
-                   iterations: int = FIT_ITERATIONS, warm: bool = False) -> bool:
+                   iterations: int = FIT_ITERATIONS, warm: bool = False, stop=None) -> bool:
         """Refit the taught head rows on `taught_examples(...)` (see service/core/taught.py);
-        False when stopped after `iterations`, before the minimum."""
+        False when stopped (`iterations`, `stop`) before the minimum."""
         if self.taught is None:
             return True
         policy = self.policy if policy is None else policy
-        return self.taught.fit(self.head, *examples, policy.taught_l2, iterations, warm)
+        return self.taught.fit(self.head, *examples, policy.taught_l2, iterations, warm, stop)
 
     @torch.no_grad()
     def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy) -> Prediction:
@@ -310,8 +325,11 @@ class EnhancedClassifier(nn.Module):
         used_memory = used_memory | taught  # answers of taught rows count as the memory path
         nearest_slot = r.slots[:, 0]
         similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], 0.0)  # (B,)
+        ood = r.ood_score if r.ood_score is not None else torch.full((B,), float("nan"), device=dev)  # (B,)
+        abstained = ood > policy.ood_threshold if policy.ood_threshold is not None else torch.zeros_like(used_memory)
+        abstained = abstained & ~(r.similarity[:, 0] >= EXACT_MATCH)  # the memory holds this very image: known
         timings = {"features": 0.0, "memory": 0.0, "head": 1e3 * (t3 - t2)}
-        return Prediction(labels, confidence, used_memory, scores, nearest_slot, similarity, timings)
+        return Prediction(labels, confidence, used_memory, scores, nearest_slot, similarity, ood, abstained, timings)
 
 
 def _rows_on(rows: TaughtRows, device: torch.device) -> TaughtRows:

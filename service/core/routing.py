@@ -47,6 +47,8 @@ class RoutingPolicy:
     """Added to the logits of taught rows for classes the head has (corrections, e.g. under a shift)."""
     taught_l2: float = 1e-4
     """L2 penalty on the taught rows' weights when they are fitted."""
+    ood_threshold: float | None = None
+    """Abstain ("none of these", path abstain, the best guess still in label) when ood_score exceeds this; unset = never."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence_threshold <= 1.0:

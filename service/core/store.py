@@ -218,7 +218,7 @@ def load_model(store: str | Path, name: str) -> LoadedModel:
     manifest = read_manifest(d)
     try:
         # models saved before the replay features existed have none
-        config = ClassifierConfig(**{"replay_per_class": 0, **manifest["classifier"]})
+        config = ClassifierConfig(**{"replay_per_class": 0, "novelty": False, **manifest["classifier"]})
         input_spec = InputSpec(**manifest["input"])
         policy = RoutingPolicy.from_dict(manifest["routing"])
     except (TypeError, ValueError) as e:

@@ -19,15 +19,16 @@ The fit minimises class-balanced cross-entropy over [trained logits, taught logi
 `l2 * |V|^2`, in float64, by scipy's L-BFGS-B with its analytic gradient. With l2 > 0 the
 loss is strictly convex: it has one minimum, a function of (trained head, replay features,
 taught examples) alone, and the rows are that minimum to within FIT_GTOL (the largest
-gradient component). A fit may stop after `iterations` and be continued later from the rows
-it left (`warm=True`: each row starts where the row of its label is, a new label at zero):
-the service bounds the fit on the request path this way and finishes it on its fitter thread
-(serving/fitter.py). Two processes that applied the same log hold the same minimum once their
+gradient component). A fit may stop early (`iterations`, `stop`) and be continued later from
+the rows it left (`warm=True`: each row starts where the row of its label is, a new label at
+zero): the service bounds the fit a request waits for this way and finishes it on its fitter
+thread (serving/fitter.py). Two processes that applied the same log hold the same minimum once their
 fits converged; their rows differ by the tolerance, not bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,11 +64,13 @@ class TaughtHead(nn.Module):
 
     @torch.no_grad()
     def fit(self, head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float,
-            iterations: int = FIT_ITERATIONS, warm: bool = False) -> bool:
+            iterations: int = FIT_ITERATIONS, warm: bool = False,
+            stop: Callable[[int], bool] | None = None) -> bool:
         """One row per distinct label of the taught examples ((N, D) features, (N,) labels),
         the trained rows of `head` frozen. No examples (or no replay) = no rows. At most
-        `iterations` L-BFGS-B steps, from zero or (`warm`) from the current rows; returns
-        False when it stopped there, before the minimum (FIT_GTOL): another call continues."""
+        `iterations` L-BFGS-B steps, from zero or (`warm`) from the current rows, and fewer
+        when `stop(iterations done)` says so; returns False when it stopped before the minimum
+        (FIT_GTOL): another call continues."""
         # the fit runs on the host (scipy drives it); the rows live where the model does
         device = self.replay_features.device
         features, labels = features.float().cpu(), labels.cpu()
@@ -102,12 +105,20 @@ class TaughtHead(nn.Module):
             return float(loss), (g.T @ xb + 2 * l2 * decay * V).numpy().ravel()
 
         start = self._start(row_labels, D) if warm else torch.zeros(T, D + 1, dtype=torch.float64)  # (T, D + 1)
+        done = [0]
+
+        def interrupt(_) -> None:  # scipy ends the fit, keeping its last point, on StopIteration
+            done[0] += 1
+            if stop is not None and stop(done[0]):
+                raise StopIteration
+
         # ftol 0: stop on the gradient (the minimum), not on a stalled loss
-        fit = minimize(loss_and_grad, start.numpy().ravel(), jac=True, method="L-BFGS-B",
+        fit = minimize(loss_and_grad, start.numpy().ravel(), jac=True, method="L-BFGS-B", callback=interrupt,
                        options={"maxiter": iterations, "ftol": 0.0, "gtol": FIT_GTOL})
         V = torch.from_numpy(fit.x).view(T, D + 1).float()
         self.rows = TaughtRows(V[:, :D].contiguous().to(device), V[:, D].contiguous().to(device), row_labels.to(device))
-        return fit.status != 1  # 1: stopped at `iterations`; else at the minimum (or as near as float64 gets)
+        # 1: stopped at `iterations`, 99: by `stop`; else at the minimum (or as near as float64 gets)
+        return fit.status not in (1, 99)
 
     def _start(self, row_labels: torch.Tensor, D: int) -> torch.Tensor:
         """(T, D + 1) float64: each label's current row (weight, bias), zeros for a new label."""

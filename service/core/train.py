@@ -42,7 +42,7 @@ from .evaluation import (SWEEP_THRESHOLDS, EvalResult, choose_threshold, collect
                          evaluate_inference_speed, threshold_sweep)
 from .model import ClassifierConfig, EnhancedClassifier
 from .optimisation import make_optimizer, train_step
-from .retrofit import fill_replay
+from .retrofit import calibrate_novelty, fill_replay
 from .routing import RoutingPolicy
 from .store import InputSpec, save_model, sha256_bytes
 from .train_config import TrainConfig, run_only_settings
@@ -102,6 +102,9 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
     test = evaluate_on_test(run, model)
     model = model.to("cpu")  # the service's device: inference is timed and saved from here
     fill_replay(model, data.train.images, data.train.labels, data.mean, data.std, tc.seed)  # alike on every rank
+    # "none of these": the ood_score's Gaussians on the memory, the abstain threshold on validation
+    model.policy = policy = policy.replace(ood_threshold=calibrate_novelty(
+        model, data.validation.images, data.mean, data.std, tc.novelty_shrink))
     speed = evaluate_inference_speed(model, data.test.images, data.mean, data.std) if run.main else {}
     report = training_report(run, model, progress, sweep, test, speed)
     run.say("inference speed:", json.dumps(speed), flush=True)

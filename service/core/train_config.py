@@ -56,6 +56,8 @@ class TrainConfig:
     """Training images held out (seeded, class-stratified) to choose the threshold; 0 = none."""
     choose_threshold: bool = True
     """Choose --confidence-threshold on the validation split (most accurate of the sweep); off: keep the flag."""
+    novelty_shrink: float = 0.01
+    """Covariance shrinkage of the ood_score's Gaussians (bench/experiments/ood.py chose it on validation data)."""
     limit_train: int | None = None
     """Train on a seeded, class-stratified subset of N images (quick runs and tests)."""
     limit_test: int | None = None
@@ -78,6 +80,8 @@ class TrainConfig:
         object.__setattr__(self, "exclude_classes", tuple(self.exclude_classes))
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.novelty_shrink <= 1.0:
+            raise ValueError(f"--novelty-shrink must be in [0, 1], got {self.novelty_shrink}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.memory_loss_weight < 0:

@@ -5,12 +5,13 @@ every change made before it was called. One fitter thread fits for everything ap
 far and wakes every waiter, so requests that arrive during a fit share the next one instead
 of queueing one each (and its megabytes of temporaries come from one malloc arena).
 
-A request waits for STEP_ITERATIONS of L-BFGS-B at most, started from the rows as they are
-(warm): the rows then hold its examples, near their minimum. While the minimum is not
-reached the thread goes on in steps of the same size between requests, so the rows converge
-to the one minimum of the applied log (taught.py) whatever the order of the fits: two
-processes that applied the same log agree to the fit's tolerance once `wait_converged()`
-returns in both.
+Each fit starts from the rows as they are (warm) and runs towards the minimum in one go; it
+stops after STEP_ITERATIONS of L-BFGS-B when a request is waiting (the rows then hold its
+examples, near their minimum: the request goes) or a newer change arrived (the next fit takes
+it in), and the thread goes on until the minimum is reached. So a request waits for about
+STEP_ITERATIONS, and the rows converge to the one minimum of the applied log (taught.py)
+whatever the order of the fits: two processes that applied the same log agree to the fit's
+tolerance once `wait_converged()` returns in both.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..core.routing import EMPTY, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
-STEP_ITERATIONS = 25  # L-BFGS-B iterations a request waits for at most; the thread continues after
+STEP_ITERATIONS = 25  # L-BFGS-B iterations after which a fit gives way to a waiting request or a newer change
 
 
 class TaughtRowFitter:
@@ -35,7 +36,8 @@ class TaughtRowFitter:
         self.enabled = model.taught is not None  # a model without replay features has no rows
         self._changes = self._fitted = 0  # changes applied, and those the rows reflect
         self._converged = True  # the rows are the minimum for the changes they reflect
-        self.steps = 0  # fits run (each at most STEP_ITERATIONS)
+        self._waiting = 0  # requests in wait(): a fit gives way to them after STEP_ITERATIONS
+        self.steps = 0  # fits run
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -46,13 +48,13 @@ class TaughtRowFitter:
 
     def wait(self) -> None:
         """Return once the rows reflect every change applied so far (near their minimum)."""
-        self._wait(lambda target: self._fitted >= target)
+        self._wait(lambda target: self._fitted >= target, hurry=True)
 
     def wait_converged(self) -> None:
         """Return once the rows are the minimum for every change applied so far."""
-        self._wait(lambda target: self._fitted >= target and self._converged)
+        self._wait(lambda target: self._fitted >= target and self._converged, hurry=False)
 
-    def _wait(self, done) -> None:
+    def _wait(self, done, hurry: bool) -> None:
         if not self.enabled:
             return
         with self._cond:
@@ -61,8 +63,12 @@ class TaughtRowFitter:
                 self._thread = threading.Thread(target=self._loop, name="taught-fit", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-            while not done(target) and not self._stop.is_set():
-                self._cond.wait(1.0)
+            self._waiting += hurry
+            try:
+                while not done(target) and not self._stop.is_set():
+                    self._cond.wait(1.0)
+            finally:
+                self._waiting -= hurry
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -73,8 +79,13 @@ class TaughtRowFitter:
                 target = self._changes
                 taught = (self.slot_feedback != EMPTY).nonzero().squeeze(1)  # (N,) slots users taught
                 examples = self.model.taught_examples(taught, self.policy)
+
+            def give_way(iterations: int) -> bool:
+                return iterations >= STEP_ITERATIONS and (self._waiting > 0 or self._changes != target
+                                                          or self._stop.is_set())
+
             try:
-                converged = self.model.fit_taught(examples, self.policy, STEP_ITERATIONS, warm=True)
+                converged = self.model.fit_taught(examples, self.policy, warm=True, stop=give_way)
             except Exception:  # keep serving with the rows as they were; the error is in the log
                 log.exception("fitting the taught head rows failed")
                 converged = True  # not retried until the next change

@@ -103,9 +103,16 @@ class MemoryReplica:
         """Start: the newest valid snapshot; with `ivf_nprobe`, the IVF index (`_attach_index`),
         kept in step by every write from then on; then the whole log after the snapshot."""
         self._restore()
+        self._follow_novelty()
         if ivf_nprobe is not None:
             self._attach_index(ivf_nprobe)
         self.sync(progress=True)
+
+    def _follow_novelty(self) -> None:
+        """The ood_score's class means from the memory as restored, kept in step by every
+        write from then on (core/novelty.py)."""
+        if self.model.novelty is not None and self.model.novelty.calibrated:
+            self.model.novelty.attach(self.memory)
 
     # --- the IVF index ---------------------------------------------------------------------------
     def _attach_index(self, nprobe: int) -> None:
@@ -341,6 +348,7 @@ class MemoryReplica:
             self.applied_seq = self.stats.restored_from_seq = 0
         if self.memory.index is not None:  # it held the memory before: made to hold the restored one
             self.memory.index.reconcile(self.memory.keys.detach(), self.memory.filled())
+        self._follow_novelty()
 
     def _remember(self, o: FeedbackOutcome) -> None:
         self.outcomes[o.feedback_id] = o

@@ -14,7 +14,9 @@ protocol's messages and refusals are in oip_schema.py, the bounded body in oip_b
   models): raw pixels of the model's size, normalised here with the model's mean/std.
 
 Outputs: `label` (BYTES), `label_index` (INT64), `confidence` (FP32), `path` (BYTES:
-memory/network), `class_scores` (FP32 [B, known classes]).
+memory/network/abstain), `ood_score` (FP32: how unlike everything known; NaN, null in JSON,
+for a model without the score), `abstained` (BOOL: "none of these", `label` is then the best
+guess), `class_scores` (FP32 [B, known classes]).
 
 No token is needed, so a request's cost is bounded before the work it bounds: the body
 inflates and its JSON is scanned within bounds (oip_body.py) before it is parsed, the
@@ -275,6 +277,8 @@ def model_metadata(name: str, version: str, spec: InputSpec, known_classes: int)
                  MetadataTensor(name="label_index", datatype="INT64", shape=[-1]),
                  MetadataTensor(name="confidence", datatype="FP32", shape=[-1]),
                  MetadataTensor(name="path", datatype="BYTES", shape=[-1]),
+                 MetadataTensor(name="ood_score", datatype="FP32", shape=[-1]),
+                 MetadataTensor(name="abstained", datatype="BOOL", shape=[-1]),
                  MetadataTensor(name="class_scores", datatype="FP32", shape=[-1, known_classes])])
 
 
@@ -288,6 +292,8 @@ def prediction_tensors(p: Prediction, class_name: Callable[[int], str], known_cl
         "label_index": Tensor("INT64", [b], index),
         "confidence": Tensor("FP32", [b], p.confidence.float().numpy()),
         "path": Tensor("BYTES", [b], p.paths),
+        "ood_score": Tensor("FP32", [b], p.ood_score.float().numpy()),
+        "abstained": Tensor("BOOL", [b], p.abstained.numpy().astype(np.bool_)),
         "class_scores": Tensor("FP32", list(scores.shape), scores),
     }
 

@@ -15,7 +15,7 @@ SERVER_NAME = "memory-classifier-service"
 EXTENSIONS = ["binary_tensor_data"]
 PLATFORM = "pytorch_safetensors"  # the spec's "<project>_<format>": weights are safetensors, not TorchScript
 HEADER_LENGTH = "Inference-Header-Content-Length"
-OUTPUTS = ("label", "label_index", "confidence", "path", "class_scores")
+OUTPUTS = ("label", "label_index", "confidence", "path", "ood_score", "abstained", "class_scores")
 
 
 # --- refusals --------------------------------------------------------------------------------

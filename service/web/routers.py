@@ -4,6 +4,8 @@ in dependencies.py."""
 
 from __future__ import annotations
 
+import math
+
 import time
 from typing import Annotated
 
@@ -154,6 +156,7 @@ def predict_response(rt: ModelRuntime, served: Served, decode_s: list[float], to
                                   similarity=float(p.similarity[i]), feedback_id=served.feedback_ids[i])
         items.append(ImagePrediction(
             label=rt.class_name(label), label_index=label, confidence=float(p.confidence[i]), path=path,
+            ood_score=None if math.isnan(ood := float(p.ood_score[i])) else ood, abstained=bool(p.abstained[i]),
             top_k=[ClassScore(label=rt.class_name(int(j)), label_index=int(j), score=float(s))
                    for s, j in zip(top_scores[i].tolist(), top_idx[i].tolist())],
             nearest=nearest, latency_ms=1e3 * total_s))

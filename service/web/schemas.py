@@ -33,7 +33,11 @@ class ImagePrediction(BaseModel):
     label: str
     label_index: int
     confidence: float
-    path: Literal["memory", "network"]
+    path: Literal["memory", "network", "abstain"] = Field(
+        description="abstain: the image is unlike anything the model knows (\"none of these\"); label is the best guess")
+    ood_score: float | None = Field(description="how unlike everything known the image is (higher: less alike); "
+                                    "null when the model has no such score")
+    abstained: bool = Field(description="ood_score is over the model's threshold (path abstain)")
     top_k: list[ClassScore]
     nearest: NearestItem | None
     latency_ms: float

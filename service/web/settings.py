@@ -53,6 +53,8 @@ class ServiceConfig(BaseSettings):
     correction_bias: float | None = Field(None, description="override the bias added to the logits of taught rows "
                                           "for classes the head has")
     taught_l2: float | None = Field(None, ge=0, description="override the L2 penalty of the taught rows' fit")
+    ood_threshold: float | None = Field(None, description="override the ood_score over which an answer abstains "
+                                        "(\"none of these\"; the model's is chosen on its validation split)")
     # the defaults bound what one anonymous request can cost; the model sees 28x28 or 32x32
     # images, so nothing a client needs is refused by them
     max_upload_bytes: int = Field(1024 * 1024, ge=1, description="largest request body accepted (413 above)")

@@ -209,7 +209,8 @@ async function ask(card) {
     tab.answers += 1;
     if (p.path === "memory") tab.memory += 1;
     render(card, p);
-    announce(`${card.file.name}: ${p.label}, ${pct(p.confidence)} confident, from the ${p.path}.`);
+    announce(p.abstained ? `${card.file.name}: unlike anything known; best guess ${p.label}.`
+      : `${card.file.name}: ${p.label}, ${pct(p.confidence)} confident, from the ${p.path}.`);
     scheduleMemoryRefresh();
   } catch (e) {
     $(".pending", n).hidden = true;
@@ -226,8 +227,10 @@ function render(card, p) {
   $(".label", n).textContent = p.label;
   $(".confidence", n).textContent = `${pct(p.confidence)} confident`;
   const path = $(".path", n);
-  path.textContent = p.path === "memory" ? "from memory" : "from the network";
+  // abstain: unlike anything the model knows; the label is its best guess
+  path.textContent = { memory: "from memory", network: "from the network", abstain: "none of these?" }[p.path];
   path.className = `path badge ${p.path}`;
+  path.title = p.ood_score === null ? "" : `ood_score ${p.ood_score.toFixed(1)}${p.abstained ? " (over the threshold)" : ""}`;
   const top = $(".top", n);
   top.replaceChildren(...p.top_k.map((c) => {
     const bar = el("span", { class: "bar" });

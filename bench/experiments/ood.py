@@ -1,0 +1,186 @@
+""""None of these": which score tells an image unlike anything the model knows (issue 24, item 3).
+
+Each shipped model scores images of its own data set (in-distribution) and of the other data
+set (out-of-distribution, "far": natural photos for the Fashion-MNIST model, clothes for the
+CIFAR-10 model), the other set's images decoded by the service's own code
+(`preprocess.decode_image`: grey <-> RGB, resized), as a client's upload would be.
+
+Candidate scores (higher = less like anything known), all from one forward pass:
+    knn-k      1 - cosine similarity of the k-th nearest memory item (Sun et al. 2022: the
+               k-th neighbour on normalised features), k in KS
+    msp        1 - the head's largest softmax probability
+    energy     -logsumexp(head logits)
+    maxlogit   -max head logit
+    maha-s     squared Mahalanobis distance of the unit-length features to the nearest class
+               mean of the memory's keys, shared covariance shrunk by s towards its mean
+               variance (Lee et al. 2018), s in SHRINKS
+    X+energy   the sum of the two, each standardised on the in-distribution validation images
+
+choose (test sets not read): in-distribution = the model's own validation split (rebuilt from its
+  manifest), out-of-distribution = the other data set's TRAINING images; of the scores the
+  service computes (maha-s) the one with the highest AUROC is kept (its s is the model's
+  `--novelty-shrink`), and its threshold is the 95th percentile of the in-distribution
+  validation scores (at most 5% of them abstain: what training and retrofit do). The best of
+  all candidates is recorded beside it.
+test: the chosen score and threshold on the test sets: in-distribution test images, the other
+  set's TEST images; AUROC of every candidate reported (the chosen one marked), and the share
+  of each side over the threshold.
+
+    .venv/bin/python -m bench.experiments.ood choose
+    .venv/bin/python -m bench.experiments.ood test
+Records: bench/results/ood-choose.json, bench/results/ood-test.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from bench.harness import CIFAR_ZIP, ROOT, header, png, record_path, write_record
+from service.core.data import load_dataset, normalize, validation_of
+from service.core.novelty import Novelty
+from service.core.preprocess import ImageLimits, decode_image
+from service.core.store import load_model
+
+MODELS = {"fashion-mnist": ("fashion-mnist", None), "cifar10": ("cifar10", str(CIFAR_ZIP))}
+OTHER = {"fashion-mnist": "cifar10", "cifar10": "fashion-mnist"}
+KS = (1, 5, 10, 20, 50)
+SHRINKS = (0.001, 0.01, 0.1, 0.3)  # covariance shrinkage towards its mean variance
+IN_ABSTAIN = 0.05  # at most this share of in-distribution validation images abstain
+
+
+def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
+    """P(an outside score > an inside score), ties counted half (Mann-Whitney U / n_in n_out)."""
+    scores = torch.cat([inside, outside]).double()
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    for v in scores.unique()[scores.unique(return_counts=True)[1] > 1]:  # average ranks of ties
+        tie = scores == v
+        ranks[tie] = ranks[tie].mean()
+    n_in, n_out = len(inside), len(outside)
+    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def novelty_scorers(model) -> dict[str, Novelty]:
+    """The service's own score (core/novelty.py) calibrated on the memory at every shrinkage."""
+    out = {}
+    for shrink in SHRINKS:
+        n = Novelty(model.key_dim, model.config.memory_classes)
+        n.calibrate(model.memory, shrink)
+        out[f"maha-{shrink:g}"] = n
+    return out
+
+
+@torch.no_grad()
+def raw_scores(model, x: torch.Tensor, batch: int = 500) -> dict[str, torch.Tensor]:
+    """(N, C, H, W) normalised images -> every candidate's raw score (N,)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    scorers = novelty_scorers(model)
+    for i in range(0, len(x), batch):
+        keys, hidden = model.embed(x[i:i + batch])
+        sims, _ = model.memory.search(keys, max(KS))  # (B, 50) descending
+        logits = model.network_logits(hidden).float()  # (B, C)
+        parts = {f"knn-{k}": 1 - sims[:, k - 1] for k in KS}
+        parts["msp"] = 1 - torch.softmax(logits, -1).max(-1).values
+        parts["energy"] = -torch.logsumexp(logits, -1)
+        parts["maxlogit"] = -logits.max(-1).values
+        for name, scorer in scorers.items():
+            parts[name] = scorer.score(model.memory, keys)
+        for name, v in parts.items():
+            out.setdefault(name, []).append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def with_combinations(s: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add knn-k+energy: both standardised by the in-distribution validation scores `ref`."""
+    z = lambda name: (s[name] - ref[name].mean()) / ref[name].std()  # noqa: E731
+    pairs = [f"knn-{k}" for k in KS] + [f"maha-{x:g}" for x in SHRINKS]
+    return {**s, **{f"{p}+energy": z(p) + z("energy") for p in pairs}}
+
+
+def as_uploads(images: torch.Tensor, spec) -> torch.Tensor:
+    """uint8 (N, C, H, W) of another data set -> what the service makes of them as PNG uploads."""
+    limits = ImageLimits()
+    return torch.stack([decode_image(png(im), spec, limits) for im in images])
+
+
+def pick(n: int, total: int, seed: int) -> torch.Tensor:
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def scores_for(model_name: str, split: str, n_out: int, n_in: int | None) -> dict:
+    name, data_dir = MODELS[model_name]
+    loaded = load_model(ROOT / "model_store", model_name)
+    model, spec = loaded.model.eval(), loaded.input
+    own = load_dataset(name, data_dir)
+    other_name, other_dir = MODELS[OTHER[model_name]]
+    other = load_dataset(other_name, other_dir)
+    inside = validation_of(own, loaded.manifest["data"]) if split == "validation" else own.test
+    idx = torch.arange(len(inside.labels)) if n_in is None else pick(n_in, len(inside.labels), 1)
+    x_in = normalize(inside.images[idx], spec.mean, spec.std)
+    out_split = other.train if split == "validation" else other.test
+    x_out = as_uploads(out_split.images[pick(n_out, len(out_split.labels), 2)], spec)
+    torch.set_num_threads(2)
+    return {"in": raw_scores(model, x_in), "out": raw_scores(model, x_out), "version": loaded.manifest.get("version"),
+            "n_in": len(x_in), "n_out": len(x_out)}
+
+
+def choose(args) -> dict:
+    results = {}
+    for m in args.models:
+        s = scores_for(m, "validation", args.n_out, None)
+        ins, outs = with_combinations(s["in"], s["in"]), with_combinations(s["out"], s["in"])
+        table = {k: auroc(ins[k], outs[k]) for k in ins}
+        best_any = max(table, key=table.get)
+        served = [k for k in table if k.startswith("maha-") and "+" not in k]  # what the service computes
+        best = max(served, key=table.get)
+        threshold = float(torch.quantile(ins[best].double(), 1 - IN_ABSTAIN))
+        stats = {k: {"mean": float(s["in"][k].mean()), "std": float(s["in"][k].std())} for k in s["in"]}
+        results[m] = {"auroc": table, "chosen": best, "best_any": best_any, "threshold": threshold, "in_stats": stats,
+                      "n_in": s["n_in"], "n_out": s["n_out"], "model_version": s["version"],
+                      "out_of_distribution": f"{OTHER[m]} training images"}
+        print(m, "chosen", best, f"AUROC {table[best]:.4f} threshold {threshold:.4f}",
+              {k: round(v, 4) for k, v in sorted(table.items(), key=lambda kv: -kv[1])}, flush=True)
+    return results
+
+
+def test(args) -> dict:
+    chosen = json.loads(record_path("ood-choose").read_text())["results"]
+    results = {}
+    for m in args.models:
+        c = chosen[m]
+        s = scores_for(m, "test", args.n_out, None)
+        ref = {k: torch.tensor([c["in_stats"][k]["mean"]]) for k in c["in_stats"]}
+        std = {k: c["in_stats"][k]["std"] for k in c["in_stats"]}
+        z = lambda d, k: (d[k] - ref[k]) / std[k]  # noqa: E731  (standardised by the validation statistics)
+        pairs = [f"knn-{k}" for k in KS] + [f"maha-{x:g}" for x in SHRINKS]
+        combos = lambda d: {**d, **{f"{p}+energy": z(d, p) + z(d, "energy") for p in pairs}}  # noqa: E731
+        ins, outs = combos(s["in"]), combos(s["out"])
+        table = {k: auroc(ins[k], outs[k]) for k in ins}
+        best, thr = c["chosen"], c["threshold"]
+        results[m] = {"auroc": table, "chosen": best, "threshold": thr,
+                      "in_abstained": float((ins[best] > thr).float().mean()),
+                      "out_abstained": float((outs[best] > thr).float().mean()),
+                      "n_in": s["n_in"], "n_out": s["n_out"], "model_version": s["version"],
+                      "out_of_distribution": f"{OTHER[m]} test images"}
+        print(m, best, f"AUROC {table[best]:.4f}", f"in abstain {results[m]['in_abstained']:.4f}",
+              f"out abstain {results[m]['out_abstained']:.4f}", flush=True)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("experiment", choices=["choose", "test"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--n-out", type=int, default=2000, help="out-of-distribution images per model")
+    args = ap.parse_args()
+    machine = header(vars(args))
+    results = (choose if args.experiment == "choose" else test)(args)
+    write_record(f"ood-{args.experiment}", vars(args), results, machine)
+
+
+if __name__ == "__main__":
+    main()
