@@ -1,7 +1,7 @@
 """Taught head rows: a few labelled examples teach through the head, not only the memory's vote.
 
-For every label users taught (feedback), the head gets one extra row, fitted in tens of
-milliseconds on the features of the taught examples the memory holds (positives) against
+For every label users taught (feedback), the head gets one extra row, fitted on the
+features of the taught examples the memory holds (positives) against
 the model's replay features: a few training images per class, embedded in eval mode when
 the model was trained (negatives; `replay_per_class` in the classifier config). The
 trained rows stay frozen, so an old class's answer changes only where a taught row
