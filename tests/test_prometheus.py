@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from testkit.live import ROOT, Server, free_port
+from tests.helpers import image_bytes
 from tests.test_server import AUTH, TOKEN, predict
 
 pytestmark = pytest.mark.server
@@ -43,13 +44,14 @@ def test_prometheus_scrapes_path_usage_abstentions_and_latency(tmp_path, images)
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        taught = images[5][0]
+        taught, noise = images[5][0], image_bytes(seed=3)
         httpx.post(s.url + "/feedback", files={"file": ("x.png", taught, "image/png")}, data={"label": "Bag"},
                    headers=AUTH, timeout=30)
         sent = {"memory": 0, "network": 0, "abstain": 0}  # abstain: "none of these" (a few of the test images)
         until, i = time.monotonic() + 6, 0  # traffic across several 1 s scrapes, so rate() has a slope
         while time.monotonic() < until:
-            data = taught if i % 8 == 0 else images[i % len(images)][0]
+            # every 8th the taught image (memory), every 8th noise (unlike any clothes: abstains)
+            data = taught if i % 8 == 0 else noise if i % 8 == 4 else images[i % len(images)][0]
             sent[predict(s.url, data)["path"]] += 1
             i += 1
 
