@@ -94,9 +94,14 @@ def raw_scores(model, x: torch.Tensor, batch: int = 500) -> dict[str, torch.Tens
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def with_combinations(s: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add knn-k+energy: both standardised by the in-distribution validation scores `ref`."""
-    z = lambda name: (s[name] - ref[name].mean()) / ref[name].std()  # noqa: E731
+def validation_stats(s: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Mean and std of every score on the in-distribution validation images."""
+    return {k: {"mean": float(v.mean()), "std": float(v.std())} for k, v in s.items()}
+
+
+def with_combinations(s: dict[str, torch.Tensor], stats: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    """Add X+energy: both standardised by the in-distribution validation `stats`."""
+    z = lambda name: (s[name] - stats[name]["mean"]) / stats[name]["std"]  # noqa: E731
     pairs = [f"knn-{k}" for k in KS] + [f"maha-{x:g}" for x in SHRINKS]
     return {**s, **{f"{p}+energy": z(p) + z("energy") for p in pairs}}
 
@@ -132,13 +137,13 @@ def choose(args) -> dict:
     results = {}
     for m in args.models:
         s = scores_for(m, "validation", args.n_out, None)
-        ins, outs = with_combinations(s["in"], s["in"]), with_combinations(s["out"], s["in"])
+        stats = validation_stats(s["in"])
+        ins, outs = with_combinations(s["in"], stats), with_combinations(s["out"], stats)
         table = {k: auroc(ins[k], outs[k]) for k in ins}
         best_any = max(table, key=table.get)
         served = [k for k in table if k.startswith("maha-") and "+" not in k]  # what the service computes
         best = max(served, key=table.get)
         threshold = float(torch.quantile(ins[best].double(), 1 - IN_ABSTAIN))
-        stats = {k: {"mean": float(s["in"][k].mean()), "std": float(s["in"][k].std())} for k in s["in"]}
         results[m] = {"auroc": table, "chosen": best, "best_any": best_any, "threshold": threshold, "in_stats": stats,
                       "n_in": s["n_in"], "n_out": s["n_out"], "model_version": s["version"],
                       "out_of_distribution": f"{OTHER[m]} training images"}
@@ -153,12 +158,7 @@ def test(args) -> dict:
     for m in args.models:
         c = chosen[m]
         s = scores_for(m, "test", args.n_out, None)
-        ref = {k: torch.tensor([c["in_stats"][k]["mean"]]) for k in c["in_stats"]}
-        std = {k: c["in_stats"][k]["std"] for k in c["in_stats"]}
-        z = lambda d, k: (d[k] - ref[k]) / std[k]  # noqa: E731  (standardised by the validation statistics)
-        pairs = [f"knn-{k}" for k in KS] + [f"maha-{x:g}" for x in SHRINKS]
-        combos = lambda d: {**d, **{f"{p}+energy": z(d, p) + z(d, "energy") for p in pairs}}  # noqa: E731
-        ins, outs = combos(s["in"]), combos(s["out"])
+        ins, outs = with_combinations(s["in"], c["in_stats"]), with_combinations(s["out"], c["in_stats"])
         table = {k: auroc(ins[k], outs[k]) for k in ins}
         best, thr = c["chosen"], c["threshold"]
         results[m] = {"auroc": table, "chosen": best, "threshold": thr,
