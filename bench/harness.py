@@ -271,21 +271,26 @@ SERVER_KINDS = {
 
 
 def launch(kind: str, model: str, state_dir: Path, token: str = TOKEN, timeout: float = 180,
-           device: str = "cpu") -> Server:
-    """A fresh server of `kind` (SERVER_KINDS) serving model_store/<model> on `device`, in a
-    process group of its own; returned once every one of its processes can answer. End it
-    with .stop()."""
+           device: str = "cpu", store: Path = ROOT / "model_store", engine: str = "eager") -> Server:
+    """A fresh server of `kind` (SERVER_KINDS) serving <store>/<model> on `device` with the
+    network `engine` (eager, or openvino-int8 for a model retrofitted with it: always named,
+    since this service would otherwise take the manifest's engine and a comparison with
+    LitServe would mix engines), in a process group of its own; returned once every one of
+    its processes can answer. End it with .stop()."""
     if kind.startswith("ours"):
-        env = {"MODEL_NAME": model, "SNAPSHOT_INTERVAL": "0", "DEVICE": device} | ({"MAX_BATCH_SIZE": "1"}
-                                                                  if kind == "ours-unbatched" else {})
+        env = {"MODEL_STORE": str(store), "MODEL_NAME": model, "SNAPSHOT_INTERVAL": "0", "DEVICE": device,
+               "ENGINE": engine} | ({"MAX_BATCH_SIZE": "1"} if kind == "ours-unbatched" else {})
         s = Server(state_dir, token, workers=1 if kind == "ours-1proc" else None, new_session=True, **env)
         return s.start(timeout, all_workers=True)
     if kind.startswith("litserve"):  # its /health answers 200 once every inference worker is set up
-        cmd = [PY, "-m", "bench.servers.litserve_server", "--port", "{port}", "--model", model,
-               "--max-batch-size", "32", "--batch-timeout", "0.002", "--workers", kind[-1], "--accelerator", device]
+        cmd = [PY, "-m", "bench.servers.litserve_server", "--port", "{port}", "--store", str(store), "--model", model,
+               "--max-batch-size", "32", "--batch-timeout", "0.002", "--workers", kind[-1], "--accelerator", device,
+               "--engine", engine]
         return Server(state_dir, token, command=cmd, health="/health", new_session=True).start(timeout)
     if kind == "plain":
-        cmd = [PY, "-m", "bench.servers.plain_server", "--port", "{port}", "--model", model]
+        if engine != "eager":
+            raise ValueError("the plain server runs the eager network only")
+        cmd = [PY, "-m", "bench.servers.plain_server", "--port", "{port}", "--store", str(store), "--model", model]
         return Server(state_dir, token, command=cmd, health="/docs", new_session=True,
                       OMP_NUM_THREADS="1").start(timeout)
     raise ValueError(kind)

@@ -27,27 +27,35 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:.2f}%"
 
 
+TRAINING_RUNS = (  # (record suffix, where the model is, what the run is for)
+    ("fashion-mnist", "Fashion-MNIST", "", "`model_store/fashion-mnist` (served)"),
+    ("fashion-mnist", "Fashion-MNIST", "-none", "no memory: the memory's role"),
+    ("cifar10", "CIFAR-10 (JPEG copy)", "", "`model_store/cifar10` (served)"),
+    ("cifar10", "CIFAR-10 (JPEG copy)", "-e10", "the recipe's 10 epochs: the other candidate"),
+    ("cifar10", "CIFAR-10 (JPEG copy)", "-none", "no memory, 10 epochs: the memory's role (beside -e10)"),
+)
+
+
 def training_table() -> str:
-    rows = ["| data set | memory | test accuracy (routed) | head only | memory usage | memory-path accuracy "
-            "| threshold (chosen on) | memory-path / network-path time | epochs | model |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for ds, label in (("fashion-mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10 (JPEG copy)")):
-        for kind, suffix in (("cached", ""), ("trainable", "-trainable"), ("none", "-none")):
-            r = load(f"train-{ds}{suffix}")
-            if r is None or "routing" not in r:  # not retrained with a validation split this round
-                rows.append(f"| {label} | {kind} | not rerun with a validation split | | | | | | | |")
-                continue
-            f, s = r["final"], r["inference_speed"]
-            ratio = s.get("memory_over_network")
-            timing = "n/a (no memory)" if kind == "none" else (
-                f"{s['memory_path_ms']:.2f} / {s['network_path_ms']:.2f} ms = {ratio:.2f}x")
-            usage = "-" if kind == "none" else pct(f["memory_usage"])
-            mem_acc = "-" if kind == "none" else pct(f["memory_path_accuracy"])
-            where = (f"`model_store/{ds}`" if suffix == "" else
-                     f"comparison, not kept: `bench/train_models.sh {ds}{suffix}`")
-            chosen = f"{r['routing']['confidence_threshold']:.2f} ({r['data']['threshold_chosen_on']})"
-            rows.append(f"| {label} | {kind} | **{pct(f['test_accuracy'])}** | {pct(f['test_head_accuracy'])} | "
-                        f"{usage} | {mem_acc} | {chosen} | {timing} | {len(r['history'])} | {where} |")
+    rows = ["| data set | run | recipe, epochs | memory | validation (routed) | flip TTA on validation | "
+            "test (routed) | head only | memory usage | threshold | training time | model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ds, label, suffix, where in TRAINING_RUNS:
+        r = load(f"train-{ds}{suffix}")
+        if r is None or r["train_config"].get("recipe") in (None, "auto"):
+            rows.append(f"| {label} | `{ds}{suffix}` | not run with this round's recipe | | | | | | | | | |")
+            continue
+        f, tc, tta = r["final"], r["train_config"], r.get("tta_choice", {})
+        acc = tta.get("validation_accuracy")
+        tta_cell = (f"{pct(acc['none'])} -> {pct(acc['flip'])}: {tta['chosen']}" if acc else
+                    f"not chosen ({r['classifier'].get('tta', 'none')})")
+        memory = r["classifier"]["memory"]
+        usage = "-" if memory == "none" else pct(f["memory_usage"])
+        minutes = sum(h["epoch_seconds"] for h in r["history"]) / 60
+        chosen = f"{r['routing']['confidence_threshold']:.2f}"
+        rows.append(f"| {label} | `{ds}{suffix}` | {tc['recipe']}, {tc['epochs']} | {memory} | "
+                    f"{pct(f['val_accuracy'])} | {tta_cell} | **{pct(f['test_accuracy'])}** | "
+                    f"{pct(f['test_head_accuracy'])} | {usage} | {chosen} | {minutes:.1f} min | {where} |")
     return "\n".join(rows)
 
 
@@ -157,19 +165,22 @@ def policy_grid_table(name: str) -> str:
 
 
 def served_accuracy_table() -> str:
-    rows = ["| model | test images via HTTP | served accuracy | training report (test) | memory share | abstained "
-            "(\"none of these\") | threshold (chosen on) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | engine | test images via HTTP | served accuracy | training report (test) | memory share | "
+            "abstained (\"none of these\") | threshold |",
+            "|---|---|---|---|---|---|---|---|"]
     for ds, label in (("fashion-mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10 (JPEG copy)")):
-        r = load(f"served_accuracy-{ds}")
-        if r is None:
-            rows.append(f"| {label} | not run | | | | | |")
-            continue
-        x = r["results"]
-        rows.append(f"| {label} (`{ds}`, version {x['model_version']}) | {x['images']} | **{pct(x['accuracy'])}** | "
-                    f"{pct(x['manifest_test_accuracy'])} | {pct(x['memory_share'])} | "
-                    f"{pct(x['abstained_share']) if 'abstained_share' in x else 'not measured'} | "
-                    f"{x['policy']['confidence_threshold']} ({x['threshold_chosen_on']}) |")
+        for suffix in ("", "-eager"):
+            r = load(f"served_accuracy-{ds}{suffix}")
+            if r is None:
+                if not suffix:
+                    rows.append(f"| {label} | not run | | | | | | |")
+                continue
+            x = r["results"]
+            engine = x.get("engine", "eager") + (" (the default: the manifest's)" if not suffix else " (ENGINE=eager)")
+            rows.append(f"| {label} (`{ds}`, version {x['model_version']}) | {engine} | {x['images']} | "
+                        f"**{pct(x['accuracy'])}** | {pct(x['manifest_test_accuracy'])} | {pct(x['memory_share'])} | "
+                        f"{pct(x['abstained_share']) if 'abstained_share' in x else 'not measured'} | "
+                        f"{x['policy']['confidence_threshold']} |")
     return "\n".join(rows)
 
 
@@ -267,7 +278,10 @@ def early_exit_table() -> str:
 
 LOAD_NAMES = {"ours": "this service (default: 2 processes)", "ours-1proc": "this service, `--workers 1`",
               "ours-unbatched": "this service, MAX_BATCH_SIZE=1", "litserve-w1": "LitServe, workers_per_device 1",
-              "litserve-w2": "LitServe, workers_per_device 2", "plain": "plain FastAPI, 1 torch thread"}
+              "litserve-w2": "LitServe, workers_per_device 2", "plain": "plain FastAPI, 1 torch thread",
+              "ours-int8": "this service, int8 engine (2 processes)", "ours-1proc-int8": "this service, int8, `--workers 1`",
+              "litserve-w1-int8": "LitServe on the int8 engine, workers_per_device 1",
+              "litserve-w2-int8": "LitServe on the int8 engine, workers_per_device 2"}
 
 
 def load_table() -> str:
@@ -290,8 +304,13 @@ def load_table() -> str:
                  + ", ".join(f"{b}: {v['median']:.0f}" for b, v in cl["images_per_second_by_batch"].items())]
     same = all(v[k] for v in res["answers"].values() for k in v if k.startswith("answers_equal"))
     acc = sorted({v["accuracy"] for v in res["answers"].values()})
-    rows += ["", f"Answers on the 200 images: every server's labels equal this service's: **{same}**; "
-                 f"accuracy {', '.join(f'{a:.1%}' for a in acc)}."]
+    rows += ["", f"Answers on the 200 images: every server's labels equal those of the first server on the same "
+                 f"engine: **{same}**; accuracy {', '.join(f'{a:.1%}' for a in acc)}."]
+    if "ceiling_int8" in res:
+        c8 = res["ceiling_int8"]
+        rows += ["", f"In-process ceiling on the int8 engine: **{c8['best']['median']:.0f} images/s** at batch "
+                     f"{c8['best_batch']} (model only); {c8['with_decode_at_best_batch']['median']:.0f} images/s with "
+                     "PNG decoding."]
     one = load("load-one-client")
     if one is not None:
         t = one["results"]["table"]
@@ -305,14 +324,20 @@ def load_table() -> str:
             rows.append(f"| {gen} | {a['p50_us']['median'] / 1e3:.2f} / {a['p99_us']['median'] / 1e3:.2f} ms | "
                         f"{b['p50_us']['median'] / 1e3:.2f} / {b['p99_us']['median'] / 1e3:.2f} ms | "
                         f"**{a['p50_us']['median'] / b['p50_us']['median']:.2f}x** |")
-    rows += ["", "| generator, clients | ours (best of default / 1 process) | LitServe at its best | req/s ratio | "
-             "p99 ratio | ours / ceiling | ours p50 / unbatched p50 |", "|---|---|---|---|---|---|---|"]
-    for k, x in res["ratios"].items():
-        def f(name, fmt="{:.2f}x"):
-            return fmt.format(x[name]) if name in x else "n/a"
-        rows.append(f"| {k} | {LOAD_NAMES.get(x.get('ours_best'), '-')} | {LOAD_NAMES.get(x.get('litserve_best'), '-')} "
-                    f"| **{f('rps_ratio')}** | {f('p99_ratio')} | {f('ours_over_ceiling', '{:.0%}')} | "
-                    f"{f('ours_p50_over_unbatched_p50')} |")
+    comparisons = (("ratios", "both eager fp32"),
+                   ("ratios_int8_vs_eager_litserve", "ours on the int8 engine (as shipped), LitServe on the eager "
+                                                     "model a user would hand it"),
+                   ("ratios_int8", "both on the int8 engine"))
+    rows += ["", "| comparison | generator, clients | ours (best of default / 1 process) | LitServe at its best | "
+             "req/s ratio | p99 ratio | ours / ceiling | ours p50 / unbatched p50 |", "|---|---|---|---|---|---|---|---|"]
+    for key, what in comparisons:
+        for k, x in res.get(key, {}).items():
+            def f(name, fmt="{:.2f}x"):
+                return fmt.format(x[name]) if name in x else "n/a"
+            rows.append(f"| {what} | {k} | {LOAD_NAMES.get(x.get('ours_best'), x.get('ours_best') or '-')} | "
+                        f"{LOAD_NAMES.get(x.get('litserve_best'), x.get('litserve_best') or '-')} "
+                        f"| **{f('rps_ratio')}** | {f('p99_ratio')} | {f('ours_over_ceiling', '{:.0%}')} | "
+                        f"{f('ours_p50_over_unbatched_p50')} |")
     return "\n".join(rows)
 
 

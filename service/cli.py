@@ -129,9 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_retrofit.add_argument("--replay-per-class", type=int, default=100,
                             help="training images per class whose features the model keeps (default: 100)")
     p_retrofit.add_argument("--data-dir", default=None, help="where the data set is (as for train)")
-    p_retrofit.add_argument("--novelty-shrink", type=float, default=TrainConfig.novelty_shrink,
+    p_retrofit.add_argument("--novelty-shrink", type=float, default=None,
                             help="covariance shrinkage of the ood_score's Gaussians (chosen on validation: "
-                                 f"bench/experiments/ood.py; default {TrainConfig.novelty_shrink})")
+                                 f"bench/experiments/ood.py; default {TrainConfig.novelty_shrink}; with --engine "
+                                 "the model's own)")
+    p_retrofit.add_argument("--engine", default=None, choices=["openvino-int8"],
+                            help="instead: give the model a CPU inference engine (docs/engine.md): the backbone "
+                                 "quantised to int8 (needs nncf: the `quantize` extra), the memory re-embedded, "
+                                 "thresholds chosen again; refused (exit 3, model unchanged) when it loses more "
+                                 "than 0.3 point of routed validation accuracy")
+    p_retrofit.add_argument("--calibration", type=int, default=1024,
+                            help="with --engine: training images (never validation or test) that calibrate int8 "
+                                 "(default: 1024)")
+    p_retrofit.add_argument("--seed", type=int, default=0,
+                            help="with --engine: draws the calibration images and the memory's items (default: 0)")
     add_flags(p_retrofit, dataclass_flags(RoutingPolicy, skip=CHOSEN_ON_VALIDATION, unset="keep"))
     p_retrofit.set_defaults(func=retrofit)
 
@@ -182,16 +193,42 @@ def train(ns: argparse.Namespace) -> int:
 
 def retrofit(ns: argparse.Namespace) -> int:
     from .core.data import DatasetMissing
-    from .core.retrofit import retrofit_model
+    from .core.retrofit import NOVELTY_SHRINK, retrofit_model
     from .core.store import ModelStoreError
 
     policy = {f: getattr(ns, f) for f in RETROFIT_POLICY}
+    if ns.engine is not None:
+        return retrofit_with_engine(ns, policy)
     try:
-        d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy, novelty_shrink=ns.novelty_shrink)
+        shrink = ns.novelty_shrink if ns.novelty_shrink is not None else NOVELTY_SHRINK
+        d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy, novelty_shrink=shrink)
     except (ValueError, DatasetMissing, ModelStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"saved {d}")
+    return 0
+
+
+def retrofit_with_engine(ns: argparse.Namespace, policy: dict) -> int:
+    """`retrofit --engine`: exit 0 saved, 2 bad input, 3 refused by the accuracy gate (nothing written)."""
+    from .core.data import DatasetMissing
+    from .core.engine import EngineUnavailable
+    from .core.retrofit import EngineRefused, retrofit_engine
+    from .core.store import ModelStoreError, read_manifest, served_version
+
+    try:
+        report = retrofit_engine(ns.store, ns.name, ns.engine, ns.calibration, ns.seed, ns.data_dir, policy,
+                                 novelty_shrink=ns.novelty_shrink,
+                                 log=lambda line: print(line, flush=True))
+    except EngineRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, DatasetMissing, ModelStoreError, EngineUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest = read_manifest(report.saved)
+    print(f"saved {report.saved}: version {manifest['version']}; served as {served_version(manifest, ns.engine)} with "
+          f"ENGINE={ns.engine} (the default, ENGINE=auto) and as {served_version(manifest)} with ENGINE=eager")
     return 0
 
 

@@ -188,6 +188,7 @@ def test_metrics_parse_and_move(client):
     assert stages == {"decode", "features", "memory", "head"}
     assert fams["memory_capacity"].samples[0].value == 16
     assert fams["model_info"].samples[0].labels["memory_kind"] == "cached"
+    assert fams["model_info"].samples[0].labels["engine"] == "eager"  # the engine in force
     assert any(s.name == "feedback_commit_duration_seconds_count" and s.value == 1
                for s in fams["feedback_commit_duration_seconds"].samples)
 

@@ -74,3 +74,13 @@ def test_worker_processes_get_the_resolved_settings_whatever_else_the_environmen
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(folder.resolve()) and folder.is_dir()
     monkeypatch.delenv(CONFIG_ENV)
     assert ServiceConfig.from_environment().top_k == 9  # without serve's settings: the environment's
+
+
+def test_every_service_setting_is_documented_in_the_configuration_page():
+    from pathlib import Path
+
+    from service.web.settings import ServiceConfig
+
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = [name.upper() for name in ServiceConfig.model_fields if f"`{name.upper()}`" not in page]
+    assert not missing, f"settings not in docs/configuration.md: {missing}"

@@ -67,7 +67,8 @@ def test_training_steps_never_read_the_device(memory):
     """An epoch's steps (batches drawn by index, augmented, normalised, the step, the memory's
     loss and writes, the sums) on the meta device: a read of any value would raise."""
     ds = synthetic(n=200)
-    tc = TrainConfig(batch_size=32, precision="fp32", augment_pad=2, validation_size=0, choose_threshold=False)
+    tc = TrainConfig(batch_size=32, precision="fp32", augment_pad=2, validation_size=0,
+                     choose_threshold=False).resolved("small_resnet")
     data = prepare_data(tc, ds, None)
     model = EnhancedClassifier(classifier_for(ClassifierConfig(memory=memory, memory_size=48), ds, 2)).to("meta")
     opt, sched = make_optimizer(model, tc, total_steps=20)
@@ -140,7 +141,8 @@ def test_cpu_training_is_deterministic_for_a_seed():
     """Two epochs of the training loop twice from one seed: the same model, bit for bit,
     memory included (the cached memory's fixed-work replacement rule: docs/training.md)."""
     ds = synthetic(n=160)
-    tc = TrainConfig(epochs=2, batch_size=32, progress=False, precision="fp32", augment_pad=2, validation_size=32)
+    tc = TrainConfig(epochs=2, batch_size=32, progress=False, precision="fp32", augment_pad=2,
+                     validation_size=32).resolved("small_resnet")
     states = []
     for _ in range(2):
         torch.manual_seed(tc.seed)

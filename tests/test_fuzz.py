@@ -22,7 +22,9 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))  # per operation; `make re
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("fuzz"), TOKEN, MAX_FILES="8").start()
+    # the review queue on, every answer queued: its handlers run on real items
+    s = Server(tmp_path_factory.mktemp("fuzz"), TOKEN, MAX_FILES="8", REVIEW_QUEUE="on",
+               REVIEW_CONFIDENCE_BELOW="1").start()
     yield s
     s.kill()
 
@@ -42,7 +44,7 @@ def test_api_conforms_to_its_schema(live):
             name = f"{op.method.upper()} {op.path}"
             reached[name] = 0
             # every path that needs the token gets it, so that the fuzzer reaches its handler
-            headers = AUTH if op.path.startswith(("/feedback", "/memory/snapshot")) else None
+            headers = AUTH if op.path.startswith(("/feedback", "/memory/snapshot", "/review")) else None
 
             @given(case=op.as_strategy())
             @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)

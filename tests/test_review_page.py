@@ -244,3 +244,50 @@ def test_the_page_loads_nothing_but_its_own_files(browser, shared_server):
     only_local_resources(browser, shared_server)
     names = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert any(n.endswith("/static/app.js") for n in names) and any(n.endswith("/static/style.css") for n in names)
+
+
+def test_the_review_queue_lists_unsure_images_newest_first_and_one_key_teaches_or_dismisses(browser, tmp_path,
+                                                                                          images):
+    """REVIEW_QUEUE=on with an ood threshold every answer is over: each image joins the queue."""
+    import httpx
+
+    s = Server(tmp_path / "state", TOKEN, REVIEW_QUEUE="on", OOD_THRESHOLD="-1").start()
+    try:
+        open_page(browser, s)
+        until(browser, lambda d: text(d, "#queue-msg") == "Nothing to review.", "the empty queue")
+        guesses = []
+        for i in (3, 4):
+            upload(browser, image_file(tmp_path, images, i))
+            card = browser.find_elements(By.CSS_SELECTOR, "#results li.card")[0]  # the newest card
+            guesses.append(answer(browser, card)[0])
+        items = until(browser, lambda d: (lambda q: q if len(q) == 2 else None)(
+            d.find_elements(By.CSS_SELECTOR, "#queue-list li.qi")), "two images in the review queue")
+        assert [text(browser, ".qi-guess", li) for li in items] == guesses[::-1]  # newest first
+        assert all("none of these?" in li.text for li in items)
+        until(browser, lambda d: all(li.find_element(By.CSS_SELECTOR, ".qi-img").get_property("naturalWidth") > 0
+                                     for li in items), "the queued pictures, fetched with the token")
+        shot(browser, "6-queue")
+
+        items[0].send_keys("a")  # one key on the focused item: teach its best guess
+        until(browser, lambda d: text(d, "#queue-msg").startswith(f'Taught "{guesses[1]}"'), "the taught item")
+        remaining = browser.find_elements(By.CSS_SELECTOR, "#queue-list li.qi")
+        assert len(remaining) == 1 and browser.switch_to.active_element == remaining[0]  # focus moved on
+        until(browser, lambda d: guesses[1] in text(d, "#feedback-list") and "#1" in text(d, "#feedback-list"),
+              "the new feedback in the list")
+
+        browser.switch_to.active_element.send_keys("d")  # and one key dismisses
+        until(browser, lambda d: text(d, "#queue-msg").startswith("Dismissed review image"), "the dismissal")
+        assert browser.find_elements(By.CSS_SELECTOR, "#queue-list li.qi") == []
+
+        assert httpx.get(s.url + "/review", headers=s.auth).json()["items"] == []
+        taught = httpx.get(s.url + "/feedback", headers=s.auth).json()["items"]
+        assert [e["label"] for e in taught] == [guesses[1]]
+        only_local_resources(browser, s)
+    finally:
+        if s.alive():
+            s.kill(signal.SIGTERM)
+
+
+def test_the_review_queue_says_when_it_is_off(browser, shared_server):
+    open_page(browser, shared_server)
+    until(browser, lambda d: "The review queue is off on this server" in text(d, "#queue-msg"), "the off notice")

@@ -8,6 +8,10 @@ and the model's own training report (manifest) beside it.
 
     .venv/bin/python -m bench.checks.served_accuracy --dataset fashion-mnist
     .venv/bin/python -m bench.checks.served_accuracy --dataset cifar10
+    .venv/bin/python -m bench.checks.served_accuracy --dataset cifar10 --engine eager   # the torch network
+
+`--engine` is the server's ENGINE (auto, the default, serves the engine the manifest names);
+a run with another engine is recorded as served_accuracy-<dataset>-<engine>.
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ def test_files(dataset: str) -> list[tuple[bytes, str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist")
+    ap.add_argument("--engine", choices=["auto", "eager", "openvino-int8"], default="auto")
     args = ap.parse_args()
     m = header(vars(args))
     model = {"fashion-mnist": "fashion-mnist", "cifar10": "cifar10"}[args.dataset]
     files = test_files(args.dataset)
     with tempfile.TemporaryDirectory() as d:
-        s = Server(Path(d), workers=None, MODEL_NAME=model).start()  # serve's default settings
+        s = Server(Path(d), workers=None, MODEL_NAME=model, ENGINE=args.engine).start()  # serve's default settings
         right = memory = abstained = 0
         with httpx.Client(base_url=s.url, timeout=120) as c:
             for i in range(0, len(files), CHUNK):
@@ -59,13 +64,14 @@ def main() -> None:
     manifest = load_model(ROOT / "model_store", model).manifest
     results = {"images": len(files), "accuracy": right / len(files), "memory_share": memory / len(files),
                "abstained_share": abstained / len(files),
-               "policy": info["policy"], "policy_overrides": info["policy_overrides"],
+               "engine": info["engine"], "policy": info["policy"], "policy_overrides": info["policy_overrides"],
                "manifest_test_accuracy": manifest["metrics"]["test_accuracy"], "model_version": manifest["version"],
                "threshold_chosen_on": manifest["data"].get("threshold_chosen_on")}
     print(f"{model}: served accuracy {results['accuracy']:.4f} over {len(files)} test images via HTTP "
           f"(training report: {results['manifest_test_accuracy']:.4f}), memory share {results['memory_share']:.3f}, "
-          f"abstained {results['abstained_share']:.3f}")
-    write_record(f"served_accuracy-{args.dataset}", vars(args), results, m)
+          f"abstained {results['abstained_share']:.3f}, engine {results['engine']}")
+    suffix = "" if args.engine == "auto" else f"-{args.engine}"
+    write_record(f"served_accuracy-{args.dataset}{suffix}", vars(args), results, m)
 
 
 if __name__ == "__main__":

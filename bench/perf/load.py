@@ -11,10 +11,17 @@ serving the same stored model:
   litserve-w1    LitServe with its own batching (bench/servers/litserve_server.py), workers_per_device 1
   litserve-w2    the same with workers_per_device 2 (one torch thread each)
   plain          a plain FastAPI endpoint calling the model per request, one torch thread
+  ours-int8, ours-1proc-int8, litserve-w1-int8, litserve-w2-int8
+                 the same servers on the model's openvino-int8 engine (service/core/engine.py:
+                 ENGINE=openvino-int8 for ours, --engine for LitServe); the others run eager fp32
+                 (ENGINE=eager), whatever engine the stored model has. The int8 servers need a
+                 model retrofitted with the engine (`python -m service retrofit --engine
+                 openvino-int8`; --store names where it is)
 Load generators: `wrk` (bench/wrk_post.lua, rotating over 200 real 28x28 Fashion-MNIST test
 PNGs) and `hey` (one of those images per run). Bodies: JSON {"image_base64": ...} for every
 server (LitServe cannot pass a multipart upload to its worker), and multipart uploads for
-this service. Every server's answers on the 200 images are checked equal to ours.
+this service. Every server's answers on the 200 images are checked equal to the first server's of the
+same engine (int8 answers may differ from eager's on a few images).
 CPU seconds per request: user + system time of the server's whole process group over a run,
 divided by the requests it answered. Then:
   ceiling        the model's own throughput in this process at its best batch size
@@ -22,7 +29,8 @@ divided by the requests it answered. Then:
 
 Client and server share this machine's cores: the numbers are for the whole box.
 
-    .venv/bin/python -m bench.perf.load [--seconds 8] [--repeats 2] [--clients 1 8 32 64]
+    .venv/bin/python -m bench.perf.load [--seconds 8] [--repeats 2] [--clients 1 8 32 64] [--store model_store]
+        [--servers ours ours-1proc litserve-w1 litserve-w2 ours-int8 litserve-w1-int8 ...]
 """
 
 from __future__ import annotations
@@ -39,11 +47,17 @@ import torch
 
 from bench.harness import (BOUNDARY, ROOT, SERVER_KINDS, fashion_mnist_pngs, group_cpu_seconds, header, hey,
                            json_body, launch, multipart, spread, write_bodies, write_record, wrk)
+from service.core.engine import load_engine_model
 from service.core.preprocess import ImageLimits, decode_image
-from service.core.store import load_model
 
-SERVERS = tuple(SERVER_KINDS)
-MULTIPART = ("ours", "ours-1proc", "ours-unbatched")  # servers that take multipart uploads
+INT8 = "openvino-int8"
+ENGINE_KINDS = {f"{kind}-int8": kind for kind in ("ours", "ours-1proc", "litserve-w1", "litserve-w2")}
+SERVERS = (*SERVER_KINDS, *ENGINE_KINDS)
+MULTIPART = ("ours", "ours-1proc", "ours-unbatched", "ours-int8", "ours-1proc-int8")  # servers that take multipart
+
+
+def engine_of(kind: str) -> str:
+    return INT8 if kind in ENGINE_KINDS else "eager"
 
 
 def measure(generator: str, url: str, clients: int, seconds: float, tmp: Path, body: str, sid: int) -> dict:
@@ -68,8 +82,9 @@ def answers(url: str, pngs: list[tuple[bytes, str]]) -> list[str]:
         return out
 
 
-def ceiling(model_name: str, pngs: list[bytes], repeats: int, device: str = "cpu") -> dict:
-    loaded = load_model(ROOT / "model_store", model_name)
+def ceiling(model_name: str, pngs: list[bytes], repeats: int, device: str = "cpu", store: Path = ROOT / "model_store",
+            engine: str = "eager") -> dict:
+    loaded = load_engine_model(store, model_name, engine, device)
     model = loaded.model.for_inference().to(device)  # as every server runs it
     decoded = torch.stack([decode_image(p, loaded.input, ImageLimits()) for p in pngs]).to(device)  # (N, C, H, W)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # GPU work ends before the clock reads
@@ -108,7 +123,9 @@ def ceiling(model_name: str, pngs: list[bytes], repeats: int, device: str = "cpu
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="fashion-mnist")
-    ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    ap.add_argument("--store", default=str(ROOT / "model_store"), help="the model store every server reads")
+    ap.add_argument("--servers", nargs="+", default=list(SERVER_KINDS), choices=SERVERS,
+                    help="default: the eager servers; add the -int8 ones for a model with the engine")
     ap.add_argument("--generators", nargs="+", default=["wrk", "hey"], choices=["wrk", "hey"])
     ap.add_argument("--bodies", nargs="+", default=["json", "multipart"], choices=["json", "multipart"])
     ap.add_argument("--multipart-servers", nargs="+", default=["ours"], choices=MULTIPART)
@@ -122,6 +139,7 @@ def main() -> None:
     ap.add_argument("--images-zip", default=None, help="post the test/<class>/ images of this image-folder zip "
                     "(e.g. the CIFAR-10 JPEG copy) as they are, instead of Fashion-MNIST test PNGs")
     args = ap.parse_args()
+    args.store = str(Path(args.store).resolve())
     wrk_version = (subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
                    if "wrk" in args.generators else None)
     config = vars(args) | {"wrk": wrk_version, "hey": "hey (Debian)"}
@@ -140,7 +158,8 @@ def main() -> None:
         write_bodies(tmp / "multipart", [multipart([p])[0] for p, _ in pngs])
         for rep in range(args.repeats):
             for kind in args.servers:  # alternated: every server once per repeat
-                server = launch(kind, args.model, tmp / f"state-{kind}-{rep}", device=args.device)  # fresh, empty
+                server = launch(ENGINE_KINDS.get(kind, kind), args.model, tmp / f"state-{kind}-{rep}",
+                                device=args.device, store=Path(args.store), engine=engine_of(kind))  # fresh, empty
                 url = server.url
                 try:
                     got = answers(url, pngs)  # also the warm-up
@@ -161,19 +180,31 @@ def main() -> None:
                                       flush=True)
                 finally:
                     server.stop()
-    reference = labels[args.servers[0]]
     truth = [label for _, label in pngs]
-    checks = {k: {"answers_equal_to_" + args.servers[0]: v == reference,
-                  "accuracy": sum(a == b for a, b in zip(v, truth)) / len(truth)} for k, v in labels.items()}
+    checks = {}
+    for k, v in labels.items():  # against the first server of the same engine
+        first = next(s for s in args.servers if engine_of(s) == engine_of(k))
+        checks[k] = {"engine": engine_of(k), "answers_equal_to_" + first: v == labels[first],
+                     "accuracy": sum(a == b for a, b in zip(v, truth)) / len(truth)}
     print("answers:", json.dumps(checks))
     table = {key: {"runs": rs, **{k: spread([r[k] for r in rs]) for k in ("rps", "p50_us", "p95_us", "p99_us",
                                                                          "cpu_s_per_request", "errors")}}
              for key, rs in runs.items()}
     results = {"answers": checks, "table": table}
-    results["ceiling"] = cl = ceiling(args.model, [p for p, _ in pngs], 3, args.device)
+    results["ceiling"] = cl = ceiling(args.model, [p for p, _ in pngs], 3, args.device, Path(args.store))
     print(f"  ceiling: {cl['best']['median']:.0f} images/s at batch {cl['best_batch']} (model only), "
           f"{cl['with_decode_at_best_batch']['median']:.0f} images/s with PNG decoding", flush=True)
+    if any(engine_of(k) == INT8 for k in args.servers):
+        results["ceiling_int8"] = cl8 = ceiling(args.model, [p for p, _ in pngs], 3, args.device, Path(args.store),
+                                                INT8)
+        print(f"  ceiling ({INT8}): {cl8['best']['median']:.0f} images/s at batch {cl8['best_batch']} (model only), "
+              f"{cl8['with_decode_at_best_batch']['median']:.0f} images/s with PNG decoding", flush=True)
     results["ratios"] = ratios(table, args, cl)
+    if "ceiling_int8" in results:
+        results["ratios_int8"] = ratios(table, args, results["ceiling_int8"], suffix="-int8")
+        # the issue's first goal: ours as shipped (int8) against LitServe serving the eager model
+        results["ratios_int8_vs_eager_litserve"] = ratios(table, args, results["ceiling_int8"], suffix="-int8",
+                                                          lit_suffix="")
     for k, v in results["ratios"].items():
         print(f"  {k}: {v}")
     write_record(args.record, config, results, m)
@@ -193,26 +224,29 @@ def zip_test_images(path: str, n: int) -> list[tuple[bytes, str]]:
         return [(z.read(f), f.split("/")[1]) for f in names]
 
 
-def ratios(table: dict, args, cl: dict) -> dict:
+def ratios(table: dict, args, cl: dict, suffix: str = "", lit_suffix: str | None = None) -> dict:
     """Ours (the better of the default and one process) against LitServe at its best
-    (the better of w1 and w2), per generator and client count, from the medians."""
+    (the better of w1 and w2), per generator and client count, from the medians; `suffix`
+    "-int8": ours on the int8 engine, against LitServe on the same engine, or on `lit_suffix`'s
+    ("": eager fp32, the model a user would hand LitServe)."""
+    lit_suffix = suffix if lit_suffix is None else lit_suffix
     def med(kind, gen, c, k="rps", body="json"):
         row = table.get(f"{kind}|{body}|{gen}|{c}")
         return row[k]["median"] if row else None
     out = {}
     for gen in args.generators:
         for c in args.clients:
-            ours = max((k for k in ("ours", "ours-1proc") if med(k, gen, c)), key=lambda k: med(k, gen, c),
-                       default=None)
-            lit = max((k for k in ("litserve-w1", "litserve-w2") if med(k, gen, c)), key=lambda k: med(k, gen, c),
-                      default=None)
+            ours = max((k + suffix for k in ("ours", "ours-1proc") if med(k + suffix, gen, c)),
+                       key=lambda k: med(k, gen, c), default=None)
+            lit = max((k + lit_suffix for k in ("litserve-w1", "litserve-w2") if med(k + lit_suffix, gen, c)),
+                      key=lambda k: med(k, gen, c), default=None)
             row = {"ours_best": ours, "litserve_best": lit}
             if ours and lit:
                 row["rps_ratio"] = med(ours, gen, c) / med(lit, gen, c)
                 row["p99_ratio"] = med(ours, gen, c, "p99_us") / med(lit, gen, c, "p99_us")
             if ours:
                 row["ours_over_ceiling"] = med(ours, gen, c) / cl["best"]["median"]
-            if med("ours", gen, c) and med("ours-unbatched", gen, c):
+            if not suffix and med("ours", gen, c) and med("ours-unbatched", gen, c):
                 row["ours_p50_over_unbatched_p50"] = med("ours", gen, c, "p50_us") / med("ours-unbatched", gen, c,
                                                                                             "p50_us")
             out[f"{gen} c={c}"] = row

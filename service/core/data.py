@@ -281,20 +281,23 @@ def normalize(images: torch.Tensor, mean: list[float] | torch.Tensor, std: list[
     return (images.float() / 255 - m) / s
 
 
-def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (zero fill) and random horizontal flip, per
-    sample, as one gather: (B, C, H, W) -> (B, C, H, W). Runs where the images are, drawing
-    from `generator` (on that device too): a batch on a GPU is augmented there."""
+def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None, *,
+            flips: torch.Tensor | None = None, reflect: bool = False) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (zero fill, or the image reflected) and
+    horizontal flips, per sample, as one gather: (B, C, H, W) -> (B, C, H, W). The flips are
+    drawn at random, or given ((B,) bool `flips`: the recipe's alternating flips). Runs where
+    the images are, drawing from `generator` (on that device too): a batch on a GPU is
+    augmented there."""
     B, C, H, W = images.shape
     dev = images.device
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect" if reflect and pad else "constant")
     dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator, device=dev)
     dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator, device=dev)
     rows = dy + torch.arange(H, device=dev)  # (B, H)
     cols = dx + torch.arange(W, device=dev)  # (B, W)
     if flip:
-        flipped = torch.rand(B, 1, generator=generator, device=dev) < 0.5
-        cols = torch.where(flipped, cols.flip(1), cols)
+        flipped = (torch.rand(B, generator=generator, device=dev) < 0.5) if flips is None else flips  # (B,)
+        cols = torch.where(flipped.view(B, 1), cols.flip(1), cols)
     b = torch.arange(B, device=dev).view(B, 1, 1)
     out = padded.permute(0, 2, 3, 1)[b, rows.unsqueeze(2), cols.unsqueeze(1)]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()

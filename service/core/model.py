@@ -66,6 +66,8 @@ class ClassifierConfig:
     """Training images per class whose features the model keeps to fit taught head rows on (0: none; exit final only)."""
     novelty: bool = True
     """Score how unlike everything known each image is (ood_score; needs a memory): Gaussians fitted on its keys."""
+    tta: str = "none"
+    """Test-time augmentation at inference: none, or flip (features averaged with the mirrored image's: 2x the network cost)."""
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_KINDS:
@@ -84,6 +86,10 @@ class ClassifierConfig:
             raise ValueError(f"--exit-dim must be >= 1, got {self.exit_dim}")
         if self.replay_per_class < 0:
             raise ValueError(f"--replay-per-class must be >= 0, got {self.replay_per_class}")
+        if self.tta not in ("none", "flip"):
+            raise ValueError(f"--tta must be none or flip, got {self.tta!r}")
+        if self.tta != "none" and self.exit_stage != "final":
+            raise ValueError("--tta flip needs the memory to read the final features (--exit-stage final)")
 
     @property
     def exit_index(self) -> int | None:
@@ -204,6 +210,10 @@ class EnhancedClassifier(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         if self.exit_proj is None:
             features = self.backbone(images)  # (B, D)
+            if self.config.tta == "flip" and not self.training:
+                # the mirrored image's features averaged in: the head is linear, so its logits
+                # are the two views' mean, and the memory's keys and queries both see it
+                features = 0.5 * (features + self.backbone(images.flip(-1)))
             return features, features
         h = images
         for stage in self._split_stages()[0]:

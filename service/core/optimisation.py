@@ -1,5 +1,6 @@
-"""One training step's arithmetic: the optimiser and its one-cycle schedule (`make_optimizer`),
-and `train_step`: the loss (cross-entropy plus the memory's contrastive loss), the update, and
+"""One training step's arithmetic: the optimiser and its schedule as the recipe says
+(`make_optimizer`; recipes.py), the recipe's start (`start_recipe`), per-epoch switches
+(`set_epoch`) and weight averaging (`Lookahead`), and `train_step`: the loss (cross-entropy plus the memory's contrastive loss), the update, and
 the batch written into the memory. train.py runs it over the epochs.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
@@ -16,20 +18,101 @@ from .train_config import TrainConfig
 
 
 def make_optimizer(model: EnhancedClassifier, tc: TrainConfig, total_steps: int):
+    """SGD and its schedule as the recipe of `tc` says (tc resolved: TrainConfig.resolved)."""
+    tc = tc.resolved(model.config.backbone)
+    recipe = tc.recipe_settings
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("memory.")]
     memory_params = [p for n, p in model.named_parameters() if n.startswith("memory.")]
-    decay = [p for n, p in model.named_parameters() if not n.startswith("memory.") and p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if not n.startswith("memory.") and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.name == "airbench":
+        # every parameter decays (airbench does): per step each group shrinks by lr * weight_decay,
+        # whatever its own learning rate, so the scaled groups get the weight decay divided
+        bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        head = {id(p) for p in model.head.parameters()}
+        scaled = [(recipe.bias_lr_scale, [p for _, p in named if id(p) in bn_biases]),
+                  (recipe.head_scale ** 2, [p for _, p in named if id(p) in head]),
+                  (1.0, [p for _, p in named if id(p) not in bn_biases | head])]
+        groups = [{"params": ps, "lr": tc.lr * k, "weight_decay": tc.weight_decay / k} for k, ps in scaled if ps]
+    else:
+        decay = [p for _, p in named if p.ndim > 1]
+        no_decay = [p for _, p in named if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if memory_params:
         # no momentum: slots are rewritten every few steps, so momentum would carry over from
         # the item a slot held before; it also spares the optimiser a momentum buffer per key
         groups.append({"params": memory_params, "weight_decay": 0.0, "momentum": 0.0, "nesterov": False})
-    opt = torch.optim.SGD(groups, lr=tc.lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(groups, lr=tc.lr, momentum=recipe.momentum, nesterov=True)
+    if recipe.schedule == "warmup_linear":
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_linear(step, total_steps))
     no_momentum = [g["momentum"] == 0.0 for g in groups]  # OneCycleLR would otherwise cycle it in
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=tc.lr, total_steps=total_steps, pct_start=0.25,
         base_momentum=[0.0 if z else 0.85 for z in no_momentum], max_momentum=[0.0 if z else 0.95 for z in no_momentum])
     return opt, sched
+
+
+def warmup_linear(step: int, total_steps: int, warmup: float = 0.23, start: float = 0.2, end: float = 0.07) -> float:
+    """airbench's schedule, a factor of the peak learning rate: linear from `start` to 1 over
+    the first `warmup` of the steps, then linear down to `end`."""
+    up = int(total_steps * warmup)
+    if step < up:
+        return start + (1 - start) * step / up
+    return 1 - (1 - end) * (step - up) / max(1, total_steps - up)
+
+
+def start_recipe(model: EnhancedClassifier, tc: TrainConfig, whitening_images: torch.Tensor) -> None:
+    """What the recipe sets before the first step: the first convolution whitened on
+    `whitening_images` (normalised (N, C, H, W), backbones that have one), the head's initial
+    weights at `head_scale` (with its learning rate at head_scale^2 in make_optimizer, the
+    same training as a head whose output is multiplied by head_scale)."""
+    recipe = tc.recipe_settings
+    if recipe.whiten and hasattr(model.backbone, "whiten"):
+        model.backbone.whiten(whitening_images.to(next(model.parameters()).device))
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.mul_(recipe.head_scale)
+
+
+def set_epoch(model: EnhancedClassifier, tc: TrainConfig, epoch: int) -> None:
+    """Per-epoch switches of the recipe: the whitening bias learns for its first epochs only."""
+    recipe = tc.recipe_settings
+    stem = getattr(model.backbone, "stem", None)
+    if recipe.whiten and hasattr(stem, "whiten"):
+        stem.conv.bias.requires_grad_(epoch <= recipe.whiten_bias_epochs)
+
+
+class Lookahead:
+    """airbench's lookahead (from hlb-cifar10): every `every` steps the network's weights and
+    batch-norm statistics move to `average`, an exponential average of their own past values,
+    whose decay grows with the cube of the run's progress (0 at the start: no averaging;
+    0.95^5 at the end); at the last step they become the average. The memory is left out:
+    its slots are data, not weights."""
+
+    def __init__(self, model: EnhancedClassifier, total_steps: int, every: int = 5):
+        state = model.state_dict(keep_vars=False)
+        self.live = {k: v for k, v in state.items() if k.split(".")[0] in ("backbone", "head", "exit_proj")
+                     and v.is_floating_point()}  # share the model's storage: written in place
+        self.average = {k: v.detach().clone() for k, v in self.live.items()}
+        self.total, self.every = total_steps, every
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """`step`: steps done so far in the run (1-based)."""
+        if step == self.total:
+            decay = 1.0
+        elif step % self.every == 0:
+            decay = 0.95 ** 5 * (step / self.total) ** 3
+        else:
+            return
+        for k, v in self.live.items():
+            self.average[k].lerp_(v, 1 - decay)
+            v.copy_(self.average[k])
+
+    def state_dict(self) -> dict:
+        return dict(self.average)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.average[k].copy_(v)
 
 
 def train_step(model: EnhancedClassifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

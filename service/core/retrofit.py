@@ -6,18 +6,28 @@ before they existed (`retrofit_model`, a model-store operation: load, rebuild, s
 version). Both read the same seeded training split, so a retrofitted model holds what training
 would have made.
 
+`retrofit_engine` gives a stored model a CPU inference engine (core/engine.py, docs/engine.md):
+the quantised network, the memory re-embedded by it (and by eager, so that both key sets
+exist), the replay features, novelty and routing threshold made again from those keys, and
+the accuracy gate against the model as shipped; saved as a new version only when it passes.
+
 Its own module rather than store.py: store.py is the on-disk format and reads no data sets.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data import Dataset, carve_validation, keep_classes, load_dataset, normalize
+from .data import Dataset, Split, carve_validation, keep_classes, load_dataset, normalize, stratified_indices, \
+    subset, validation_of
+from .evaluation import EvalResult, choose_threshold, collect_predictions, evaluate, threshold_sweep
 from .model import ClassifierConfig, EnhancedClassifier
-from .store import load_model, model_dir, save_model
+from .store import EAGER, EngineVariant, ENGINE_STATE_PREFIXES, is_engine_file, is_index, load_model, model_dir, \
+    save_model
 from .train_config import TrainConfig
 
 ABSTAIN_SHARE = 0.05  # validation images over the ood threshold: "none of these" for at most this share
@@ -95,7 +105,197 @@ def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None
     fill_replay(model, train.images, train.labels, loaded.input.mean, loaded.input.std, record["validation_seed"])
     threshold = calibrate_novelty(model, val.images, loaded.input.mean, loaded.input.std, novelty_shrink)
     model.policy = model.policy.replace(ood_threshold=threshold)
-    d = model_dir(store, name)
-    reports = {f: (d / f).read_bytes() for f in manifest["artifacts"] if not f.endswith(".safetensors")}
+    if manifest.get("engine"):  # its keys and replay were made from the memory this replaces
+        print(f"note: the {manifest['engine']['name']} engine is dropped (its keys belong to the previous memory); "
+              f"make it again with `python -m service retrofit --name {name} --engine {manifest['engine']['name']}`")
     return save_model(store, name, model, loaded.classes, loaded.input, metrics=manifest.get("metrics"),
-                      reports=reports, splits=record)
+                      reports=_reports(store, name, manifest), splits=record)
+
+
+def _reports(store, name: str, manifest: dict) -> dict[str, bytes]:
+    """The model's report files (metrics, plots), to keep in a new version."""
+    d = model_dir(store, name)
+    return {f: (d / f).read_bytes() for f in manifest["artifacts"]
+            if not f.endswith(".safetensors") and not is_engine_file(f) and not is_index(f)}
+
+
+# --- a CPU inference engine ----------------------------------------------------------------------
+GATE_MAX_DROP = 0.3  # points of routed validation accuracy the engine may lose against eager as shipped (issue 23)
+CALIBRATION_IMAGES = 1024  # what bench/perf/cpu_engines.py calibrated with
+SPEED_BATCH = 32
+
+
+class EngineRefused(Exception):
+    """The engine failed its accuracy gate: nothing was written."""
+
+
+@dataclass
+class EngineReport:
+    engine: str
+    gate: dict
+    variants: dict[str, dict] = field(default_factory=dict)
+    speed: dict = field(default_factory=dict)
+    saved: Path | None = None
+
+
+def _routed(model: EnhancedClassifier, val: Split, mean, std, policy) -> tuple[dict, EvalResult]:
+    preds = collect_predictions(model, val.images, mean, std, policy)
+    return preds, evaluate(preds, val.labels, policy, model.config.num_classes)
+
+
+@torch.no_grad()
+def refill_memory(model: EnhancedClassifier, images: torch.Tensor, labels: torch.Tensor, mean, std,
+                  batch: int = 500) -> None:
+    """Empty the memory and write these training images' keys, as embedded by the model's
+    current backbone: uint8 (N, C, H, W), (N,) with N <= capacity (each fills the next slot)."""
+    old = model.memory
+    if len(labels) > old.capacity:
+        raise ValueError(f"{len(labels)} items for a memory of {old.capacity}")
+    model.memory = type(old)(old.config)  # empty, same kind and settings
+    model.eval()
+    for i in range(0, len(labels), batch):
+        x = normalize(images[i:i + batch], mean, std).contiguous(memory_format=torch.channels_last)
+        model.memory.update(model.embed(x)[0].float(), labels[i:i + batch])
+
+
+def _time_backbone(backbone, x: torch.Tensor, seconds: float) -> float:
+    """Images/s of the backbone alone on batches like `x` (after a warm-up), this process's threads."""
+    with torch.inference_mode():
+        for _ in range(3):
+            backbone(x)
+        n, t0 = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - t0 < seconds:
+            backbone(x)
+            n += 1
+    return n * len(x) / (time.perf_counter() - t0)
+
+
+def retrofit_engine(store, name: str, engine: str, calibration: int = CALIBRATION_IMAGES, seed: int = 0,
+                    data_dir: str | None = None, policy: dict | None = None, ds: Dataset | None = None,
+                    novelty_shrink: float | None = None, speed_seconds: float = 1.0, log=print) -> EngineReport:
+    """Give stored model `name` the CPU inference engine `engine` (core/engine.py), saved as a
+    new version only when it passes the gate; EngineRefused (nothing written) otherwise.
+
+    1. calibration: `calibration` images drawn (seeded, class-stratified) from the training
+       split minus the model's validation split (rebuilt from the manifest): never validation
+       or test images; the backbone is quantised on them;
+    2. for each variant, eager and the engine: the memory refilled with the keys of as many
+       training images as it holds (seeded, class-stratified, the same images for both), the
+       replay features, the novelty Gaussians and abstain threshold, and the routing
+       confidence threshold (the sweep's choice on the validation split) made again from them;
+    3. the gate: the engine's routed accuracy on the validation split at most GATE_MAX_DROP
+       points below the eager model as shipped;
+    4. saved: the eager variant as the model's weights and memory, the engine's files and its
+       variant beside them (store.py), the figures in the manifest's "engine" section."""
+    from .engine import ENGINES, OpenVINOBackbone, library_versions, quantize_backbone
+
+    if engine == EAGER or engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {[e for e in ENGINES if e != EAGER]}, got {engine!r}")
+    if calibration < 1:
+        raise ValueError(f"--calibration must be >= 1, got {calibration}")
+    shipped = load_model(store, name)
+    record, manifest = shipped.manifest.get("data") or {}, shipped.manifest
+    config = shipped.model.config
+    if "validation_size" not in record or "dataset" not in record or not record.get("validation_size"):
+        raise ValueError(f"{name}: the manifest records no validation split (data.validation_size): the gate and "
+                         "the thresholds are chosen on it; retrain the model with --validation-size")
+    if shipped.model.exit_proj is not None:
+        raise ValueError(f"{name}: an engine runs the whole backbone, and this model's memory reads an inner stage "
+                         f"(exit_stage {config.exit_stage})")
+    if config.memory not in ("none", "cached"):
+        raise ValueError(f"{name}: a {config.memory} memory's values were learnt in training; re-embedding its keys "
+                         "would reset them (engines support cached memories)")
+    t0 = time.perf_counter()
+    ds = load_dataset(record["dataset"], data_dir) if ds is None else ds
+    val = validation_of(ds, record)  # checked against the recorded hash of its indices
+    if record.get("exclude_classes"):
+        ds = keep_classes(ds, record["exclude_classes"])
+    train, _, _ = carve_validation(ds.train, record["validation_size"], record["validation_seed"])
+    mean, std = shipped.input.mean, shipped.input.std
+    H = config.num_classes
+
+    # the reference: the model as shipped (its memory from training, its thresholds)
+    base_policy = shipped.policy.replace(**(policy or {}))
+    _, reference = _routed(shipped.model, val, mean, std, shipped.policy)
+    log(f"{name}: eager as shipped: routed accuracy {100 * reference.accuracy:.2f} % on {len(val.labels)} validation "
+        f"images (head {100 * reference.head_accuracy:.2f} %, memory path {100 * reference.memory_usage:.1f} %)")
+
+    calib_idx = stratified_indices(train.labels, calibration, seed)
+    calib_x = normalize(subset(train, calib_idx).images, mean, std)
+    t = time.perf_counter()
+    files = quantize_backbone(shipped.model.backbone, calib_x)
+    log(f"{engine}: backbone quantised on {len(calib_idx)} training images (seed {seed}) in "
+        f"{time.perf_counter() - t:.1f} s")
+    backbones = {EAGER: None, engine: OpenVINOBackbone(files[".xml"], files[".bin"])}
+
+    memory = shipped.model.memory
+    items = memory.size if memory is not None else 0
+    mem_idx = stratified_indices(train.labels, items, seed) if items else torch.zeros(0, dtype=torch.int64)
+    models, results, policies, variants = {}, {}, {}, {}
+    for variant, backbone in backbones.items():
+        model = load_model(store, name).model  # its own copy of the shipped state, rebuilt below
+        if backbone is not None:
+            model.backbone = backbone
+        model.eval()
+        if memory is not None:
+            refill_memory(model, train.images[mem_idx], train.labels[mem_idx], mean, std)
+        fill_replay(model, train.images, train.labels, mean, std, record["validation_seed"])
+        shrink = novelty_shrink if novelty_shrink is not None else (
+            float(model.novelty.shrink) if model.novelty is not None and model.novelty.calibrated else NOVELTY_SHRINK)
+        ood = calibrate_novelty(model, val.images, mean, std, shrink)
+        preds = collect_predictions(model, val.images, mean, std, base_policy)
+        sweep = threshold_sweep(preds, val.labels, base_policy, H)
+        chosen = base_policy.replace(confidence_threshold=choose_threshold(sweep), ood_threshold=ood)
+        result = evaluate(preds, val.labels, chosen, H)
+        models[variant], results[variant], policies[variant] = model, result, chosen
+        variants[variant] = {"routed_accuracy": result.accuracy, "head_accuracy": result.head_accuracy,
+                             "memory_usage": result.memory_usage,
+                             "confidence_threshold": chosen.confidence_threshold, "ood_threshold": ood}
+        log(f"{variant}: memory re-embedded ({items} training items), threshold {chosen.confidence_threshold}: routed "
+            f"accuracy {100 * result.accuracy:.2f} % (head {100 * result.head_accuracy:.2f} %, memory path "
+            f"{100 * result.memory_usage:.1f} %)")
+    drop = 100 * (reference.accuracy - results[engine].accuracy)
+    gate = {"metric": "routed accuracy on the validation split", "validation_images": len(val.labels),
+            "reference": "eager as shipped", "reference_accuracy": reference.accuracy,
+            "accuracy": results[engine].accuracy, "drop_points": drop, "max_drop_points": GATE_MAX_DROP,
+            "passed": drop <= GATE_MAX_DROP}
+    report = EngineReport(engine, gate, variants)
+
+    x = normalize(val.images[:SPEED_BATCH], mean, std).contiguous()
+    if speed_seconds > 0:
+        eager_bb = models[EAGER].backbone.eval().to(memory_format=torch.channels_last)  # as served (for_inference)
+        rates = {EAGER: _time_backbone(eager_bb, x.contiguous(memory_format=torch.channels_last), speed_seconds),
+                 engine: _time_backbone(backbones[engine], x, speed_seconds)}
+        report.speed = {"batch": len(x), "threads": torch.get_num_threads(), "backbone_images_per_s": rates,
+                        "ratio": rates[engine] / rates[EAGER],
+                        "note": "the backbone alone, measured once during the retrofit (a quiet machine: "
+                                "bench/perf/cpu_engines.py)"}
+        log(f"speed (backbone, batch {len(x)}, {torch.get_num_threads()} threads): eager {rates[EAGER]:.0f} images/s, "
+            f"{engine} {rates[engine]:.0f} images/s ({report.speed['ratio']:.2f}x)")
+    verdict = "passed" if gate["passed"] else "FAILED"
+    log(f"gate {verdict}: {engine} {100 * gate['accuracy']:.2f} % vs eager as shipped "
+        f"{100 * gate['reference_accuracy']:.2f} %: {drop:.2f} points lost (at most {GATE_MAX_DROP})")
+    if not gate["passed"]:
+        raise EngineRefused(f"the {engine} engine loses {drop:.2f} points of routed validation accuracy (at most "
+                            f"{GATE_MAX_DROP} allowed): refused, model {name!r} left as it was (serve it eager)")
+
+    state = {k: v for k, v in models[engine].state_dict().items() if k.startswith(ENGINE_STATE_PREFIXES)}
+    engine_policy = policies[engine]
+    variant = EngineVariant(
+        name=engine, files=files, state=state,
+        routing={"confidence_threshold": engine_policy.confidence_threshold,
+                 "ood_threshold": engine_policy.ood_threshold},
+        record={"library": library_versions(), "quantization": {"tool": "nncf.quantize", "preset": "PERFORMANCE",
+                                                                 "non_int8_precision": "f32"},
+                "calibration": {"images": len(calib_idx), "seed": seed, "class_stratified": True,
+                                "split": "training minus validation"},
+                "memory": {"items": items, "seed": seed, "class_stratified": True,
+                           "split": "training minus validation",
+                           "note": "both variants' memories hold the keys of these images, each by its own network"},
+                "gate": gate, "variants": variants, "speed": report.speed,
+                "made_in_s": round(time.perf_counter() - t0, 1)})
+    eager = models[EAGER]
+    eager.policy = policies[EAGER]
+    report.saved = save_model(store, name, eager, shipped.classes, shipped.input, metrics=manifest.get("metrics"),
+                              reports=_reports(store, name, manifest), splits=record, engine=variant)
+    return report

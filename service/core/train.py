@@ -7,6 +7,7 @@
                                        on the training device (no step waits for it: train_steps)
               evaluate_epoch           per-epoch curves on the validation split
               write_checkpoint         with --checkpoint-dir, the state at each epoch's end
+    tta       choose_tta               flip test-time augmentation, kept if it pays on the validation split
     threshold choose_routing_threshold the confidence threshold, chosen on the validation split
     test      evaluate_on_test         once, at the end, with the chosen policy: it only reports
     save      training_report, save_trained
@@ -41,7 +42,7 @@ from .data import (Dataset, Split, augment, carve_validation, fold_in, keep_clas
 from .evaluation import (SWEEP_THRESHOLDS, EvalResult, choose_threshold, collect_predictions, evaluate,
                          evaluate_inference_speed, threshold_sweep)
 from .model import ClassifierConfig, EnhancedClassifier
-from .optimisation import make_optimizer, train_step
+from .optimisation import Lookahead, make_optimizer, set_epoch, start_recipe, train_step
 from .retrofit import calibrate_novelty, fill_replay
 from .routing import RoutingPolicy
 from .store import InputSpec, save_model, sha256_bytes
@@ -51,6 +52,7 @@ from .training_reports import history_csv, plot_training
 
 # ClassifierConfig fields training takes from the data set (classifier_for), so no flags of their own
 FROM_DATASET = ("num_classes", "in_chans", "image_size", "memory_classes")
+WHITENING_IMAGES = 5000  # the first training images, whose patches whiten the first convolution (airbench's count)
 
 
 # --- the experiment ---------------------------------------------------------------------------
@@ -60,6 +62,7 @@ def run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy | 
     """The whole experiment; returns the report (metrics.json, plus "model_dir" where it was
     saved). `taught`: examples users taught ((N, C, H, W) uint8, labels), added to the training
     split only. Under torchrun, every process runs this; rank 0 alone prints, checkpoints and saves."""
+    tc = tc.resolved(cc.backbone)  # the recipe's settings filled in: what the run uses and records
     world = distributed.world_size_from_env()
     if tc.batch_size < world:
         raise ValueError(f"--batch-size ({tc.batch_size}) is the global batch: it must be at least the number of "
@@ -77,26 +80,31 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
     data = prepare_data(tc, ds, taught)
     run = Run(tc, data, comm, pad=tc.translation_for(data.dataset.image_size), bf16=tc.use_bf16(),
               steps_per_epoch=math.ceil(len(data.train.labels) / tc.batch_size),
-              images=data.train.images.to(tc.device), labels=data.train.labels.to(tc.device))
+              images=data.train.images.to(tc.device), labels=data.train.labels.to(tc.device),
+              flips=alternating_flips(tc, len(data.train.labels)))
 
     cc = replay_within_rarest_class(classifier_for(cc, data.dataset, tc.extra_memory_classes), data.train)
     model = EnhancedClassifier(cc).to(tc.device, memory_format=torch.channels_last)  # the memory too
+    start_recipe(model, tc, normalize(data.train.images[:WHITENING_IMAGES], data.mean, data.std))
     opt, sched = make_optimizer(model, tc, tc.epochs * run.steps_per_epoch)
+    lookahead = Lookahead(model, tc.epochs * run.steps_per_epoch) if tc.recipe_settings.lookahead else None
     # data order and augmentation, alike on every process; on the data's device, so that
     # drawing a batch never leaves it (a CUDA generator draws another stream than the CPU's)
     gen = torch.Generator(device=tc.device).manual_seed(tc.seed)
     fingerprint = settings_fingerprint(tc, cc, policy, len(data.train.labels))
     run.say(describe(run, cc), flush=True)
 
-    progress = resume_or_start(run, fingerprint, model, opt, sched, gen)
+    progress = resume_or_start(run, fingerprint, model, opt, sched, gen, lookahead)
     ddp = distributed.wrap(model, comm, tc.device) if comm is not None else None
     for epoch in range(progress.next_epoch, tc.epochs + 1):
-        sums, seconds = train_epoch(run, model, opt, sched, gen, ddp, epoch)
+        set_epoch(model, tc, epoch)
+        sums, seconds = train_epoch(run, model, opt, sched, gen, ddp, epoch, lookahead)
         progress.history.append(evaluate_epoch(run, model, policy, epoch, sums, seconds))
         if (digests := check_memory_sync(run, model, epoch)) is not None:
             progress.memory_sync.append(digests)
-        write_checkpoint(run, epoch, fingerprint, progress, model, opt, sched, gen)
+        write_checkpoint(run, epoch, fingerprint, progress, model, opt, sched, gen, lookahead)
 
+    tta = choose_tta(run, model, policy)
     sweep, policy = choose_routing_threshold(run, model, policy)
     model.policy = policy  # the test is evaluated with it, the model saved with it
     test = evaluate_on_test(run, model)
@@ -106,7 +114,7 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
     model.policy = policy = policy.replace(ood_threshold=calibrate_novelty(
         model, data.validation.images, data.mean, data.std, tc.novelty_shrink))
     speed = evaluate_inference_speed(model, data.test.images, data.mean, data.std) if run.main else {}
-    report = training_report(run, model, progress, sweep, test, speed)
+    report = training_report(run, model, progress, sweep, test, speed) | {"tta_choice": tta}
     run.say("inference speed:", json.dumps(speed), flush=True)
     saved = save_trained(run, model, report) if save and run.main else None
     if comm is not None:
@@ -171,6 +179,14 @@ def classifier_for(cc: ClassifierConfig, ds: Dataset, extra_memory_classes: int)
                    memory_classes=len(ds.classes) + extra_memory_classes)
 
 
+def alternating_flips(tc: TrainConfig, n: int) -> torch.Tensor | None:
+    """Each training image's side in odd epochs, drawn once from the seed (a --resume draws
+    the same); None unless the recipe alternates flips."""
+    if not (tc.flip and tc.recipe_settings.alternate_flip):
+        return None
+    return (torch.rand(n, generator=torch.Generator().manual_seed(tc.seed + 1)) < 0.5).to(tc.device)
+
+
 def replay_within_rarest_class(cc: ClassifierConfig, train: Split) -> ClassifierConfig:
     """The replay keeps as many images of every class: at most the rarest class's count."""
     fewest = int(torch.bincount(train.labels, minlength=cc.num_classes).min())
@@ -192,6 +208,7 @@ class Run:
     steps_per_epoch: int
     images: torch.Tensor  # (N, C, H, W) uint8: the training split on the training device, drawn from by index
     labels: torch.Tensor  # (N,) int64, there too
+    flips: torch.Tensor | None = None  # (N,) bool, there too: each image's side in odd epochs (alternating flips)
 
     @property
     def main(self) -> bool:
@@ -216,7 +233,7 @@ class Progress:
 
 
 def train_epoch(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Generator,
-                ddp: torch.nn.Module | None, epoch: int) -> tuple[dict, float]:
+                ddp: torch.nn.Module | None, epoch: int, lookahead: Lookahead | None = None) -> tuple[dict, float]:
     """One pass over the training split in the shared generator's order: (sums of the steps'
     cross-entropy, memory loss, correct answers and images, over every process; seconds).
     The steps run in `train_steps`; their sums are read here, once."""
@@ -227,7 +244,7 @@ def train_epoch(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Gene
         run.comm.reset_timings()
     bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch}/{run.tc.epochs}",
                disable=not (run.tc.progress and run.main), leave=False)
-    totals, n = train_steps(run, model, opt, sched, gen, ddp, perm, bar)
+    totals, n = train_steps(run, model, opt, sched, gen, ddp, perm, bar, epoch, lookahead)
     sums = dict(zip(("ce", "mem", "correct"), totals.tolist())) | {"n": n}  # the epoch's one read from the device
     seconds = time.perf_counter() - t0  # the read above waited for the device's last step
     if run.comm is not None:
@@ -237,7 +254,8 @@ def train_epoch(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Gene
 
 
 def train_steps(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Generator | None,
-                ddp: torch.nn.Module | None, perm: torch.Tensor, steps) -> tuple[torch.Tensor, int]:
+                ddp: torch.nn.Module | None, perm: torch.Tensor, steps, epoch: int = 1,
+                lookahead: Lookahead | None = None) -> tuple[torch.Tensor, int]:
     """The epoch's steps over the batches of `perm` ((N,) on the training device), numbered by
     `steps`: (sums of cross-entropy, memory loss and correct answers, (3,) float64 on the
     device; images, this process's).
@@ -251,9 +269,13 @@ def train_steps(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Gene
     totals = torch.zeros(3, dtype=torch.float64, device=dev)  # ce, memory loss, correct
     mean, std = torch.tensor(run.data.mean, device=dev), torch.tensor(run.data.std, device=dev)  # (C,) once
     n = 0  # images, counted on the host
+    recipe = tc.recipe_settings
     for step in steps:
         idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]  # (B,)
-        images, labels = augment(run.images[idx], run.pad, tc.flip, gen), run.labels[idx]  # the global batch
+        # alternating flips: each image's drawn side, reversed every other epoch
+        flips = run.flips[idx] ^ (epoch % 2 == 0) if run.flips is not None else None  # (B,) bool
+        images = augment(run.images[idx], run.pad, tc.flip, gen, flips=flips, reflect=recipe.reflect)
+        labels = run.labels[idx]  # the global batch
         B = min(tc.batch_size, N - step * tc.batch_size)
         if comm is not None:
             mine = comm.share(B, device=idx.device)
@@ -262,6 +284,8 @@ def train_steps(run: Run, model: EnhancedClassifier, opt, sched, gen: torch.Gene
         ce, mem, correct = train_step(model, opt, x, labels, tc.memory_loss_weight, tc.label_smoothing, run.bf16,
                                       ddp=ddp, comm=comm, write_rows=B)
         sched.step()
+        if lookahead is not None:
+            lookahead.after_step((epoch - 1) * run.steps_per_epoch + step + 1)
         b = labels.shape[0]
         totals += torch.stack([ce.double() * b, mem.double() * b, correct.double()])
         n += b
@@ -316,7 +340,7 @@ def settings_fingerprint(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingP
 
 
 def resume_or_start(run: Run, fingerprint: dict, model: EnhancedClassifier, opt, sched,
-                    gen: torch.Generator) -> Progress:
+                    gen: torch.Generator, lookahead: Lookahead | None = None) -> Progress:
     """With --resume, the state after the checkpoint's epoch; else (or with none found) epoch 1."""
     tc = run.tc
     found = load_checkpoint(tc.checkpoint_dir) if tc.resume else None
@@ -326,6 +350,8 @@ def resume_or_start(run: Run, fingerprint: dict, model: EnhancedClassifier, opt,
     if found is not None:
         done, state = found
         restore_checkpoint(state, fingerprint, model, opt, sched, gen, tc.checkpoint_dir)
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
         progress = Progress(done + 1, state["history"], state["memory_sync"])
         note = "" if state["world_size"] == run.world else \
             f" (written by {state['world_size']} processes: same data order, other batch-norm batches)"
@@ -337,16 +363,39 @@ def resume_or_start(run: Run, fingerprint: dict, model: EnhancedClassifier, opt,
 
 
 def write_checkpoint(run: Run, epoch: int, fingerprint: dict, progress: Progress, model: EnhancedClassifier, opt,
-                     sched, gen: torch.Generator) -> None:
+                     sched, gen: torch.Generator, lookahead: Lookahead | None = None) -> None:
     if run.tc.checkpoint_dir and run.main:
         save_checkpoint(run.tc.checkpoint_dir, epoch, {
             "fingerprint": fingerprint, "world_size": run.world, "history": progress.history,
             "memory_sync": progress.memory_sync, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
-                                                   "generator_device": gen.device.type}})
+                                                   "generator_device": gen.device.type},
+            "lookahead": None if lookahead is None else lookahead.state_dict()})
 
 
-# --- threshold, test, report, save --------------------------------------------------------------
+# --- test-time augmentation, threshold, test, report, save ------------------------------------------
+TTA_MIN_GAIN = 0.003  # flip TTA doubles every image's network cost: kept for 0.3 point or more
+
+
+def choose_tta(run: Run, model: EnhancedClassifier, policy: RoutingPolicy) -> dict:
+    """With --choose-tta (and flips in training, the memory on the final features): routed
+    validation accuracy without and with flip TTA; flip is kept (model.config.tta) only if it
+    adds TTA_MIN_GAIN. Returns both accuracies and the choice, for the report."""
+    cc = model.config
+    if not (run.tc.choose_tta and run.tc.flip and cc.exit_stage == "final" and len(run.data.validation.labels)):
+        return {"chosen": cc.tta, "chosen_on": "given (--tta)"}
+    accuracy = {}
+    for tta in ("none", "flip"):
+        cc.tta = tta
+        preds = collect_predictions(model, run.data.validation.images, run.data.mean, run.data.std, policy,
+                                    comm=run.comm)
+        accuracy[tta] = evaluate(preds, run.data.validation.labels, policy, cc.num_classes).accuracy
+    cc.tta = "flip" if accuracy["flip"] - accuracy["none"] >= TTA_MIN_GAIN else "none"
+    run.say(f"test-time augmentation: validation accuracy {accuracy['none']:.4f} without, {accuracy['flip']:.4f} "
+            f"with flip: {cc.tta} chosen", flush=True)
+    return {"chosen": cc.tta, "chosen_on": "validation", "validation_accuracy": accuracy, "min_gain": TTA_MIN_GAIN}
+
+
 def choose_routing_threshold(run: Run, model: EnhancedClassifier, policy: RoutingPolicy
                              ) -> tuple[list[dict], RoutingPolicy]:
     """(the threshold sweep on the validation split, the policy: with --choose-threshold its most accurate threshold)."""

@@ -7,9 +7,11 @@ dataclasses.replace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
+
+from .recipes import Recipe, recipe_for
 
 # marks a setting of how a run is carried out (where, with what output), not of what it
 # learns: it may change between an interrupted run and its --resume
@@ -28,20 +30,22 @@ class TrainConfig:
     """Model name: the folder written under --store."""
     store: str = field(default="model_store", metadata=RUN_ONLY)
     """Model store folder."""
-    epochs: int = 5
-    """Training epochs."""
-    batch_size: int = 128
-    """Training batch size."""
-    lr: float = 0.1
-    """Peak learning rate of the one-cycle SGD schedule."""
-    weight_decay: float = 5e-4
-    """SGD weight decay (not applied to memory parameters)."""
+    recipe: str = "auto"
+    """Training recipe (service/core/recipes.py): airbench, onecycle, or auto (airbench for poolnet, onecycle else)."""
+    epochs: int | None = None
+    """Training epochs (default: the recipe's)."""
+    batch_size: int | None = None
+    """Training batch size (default: the recipe's)."""
+    lr: float | None = None
+    """Peak learning rate of a mean loss (default: the recipe's; airbench's scales with --batch-size)."""
+    weight_decay: float | None = None
+    """SGD weight decay (not applied to memory parameters; default: the recipe's)."""
     memory_loss_weight: float = 0.4
     """Weight of the contrastive memory loss added to cross-entropy."""
-    label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy."""
+    label_smoothing: float | None = None
+    """Label smoothing of the cross-entropy (default: the recipe's)."""
     augment_pad: int | None = None
-    """Random translation in pixels (default 0 for 28 px images, 4 for larger: a crop with padding)."""
+    """Random translation in pixels (default: the recipe's; onecycle: 0 for 28 px images, 4 for larger)."""
     flip: bool = True
     """Random horizontal flips in training."""
     exclude_classes: tuple[str, ...] = ()
@@ -56,6 +60,8 @@ class TrainConfig:
     """Training images held out (seeded, class-stratified) to choose the threshold; 0 = none."""
     choose_threshold: bool = True
     """Choose --confidence-threshold on the validation split (most accurate of the sweep); off: keep the flag."""
+    choose_tta: bool = True
+    """Try --tta flip on the validation split; keep it only if it adds >= TTA_MIN_GAIN points (it doubles the network's cost). Off: keep --tta."""
     novelty_shrink: float = 0.01
     """Covariance shrinkage of the ood_score's Gaussians (bench/experiments/ood.py chose it on validation data)."""
     limit_train: int | None = None
@@ -78,11 +84,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # a list given (the command line's nargs, a caller's) is kept as a tuple: the config stays immutable
         object.__setattr__(self, "exclude_classes", tuple(self.exclude_classes))
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.novelty_shrink <= 1.0:
             raise ValueError(f"--novelty-shrink must be in [0, 1], got {self.novelty_shrink}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.memory_loss_weight < 0:
             raise ValueError(f"--memory-loss-weight must be >= 0, got {self.memory_loss_weight}")
@@ -101,6 +107,25 @@ class TrainConfig:
             raise ValueError("--resume needs --checkpoint-dir (the folder the interrupted run wrote)")
         if self.dist_timeout <= 0:
             raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
+
+    def resolved(self, backbone: str) -> "TrainConfig":
+        """This config with every setting left to the recipe filled in from it, and the recipe
+        named (auto decided by `backbone`): what a run uses and records."""
+        r = recipe_for(self.recipe, backbone)
+        batch = self.batch_size if self.batch_size is not None else r.batch_size
+        lr = self.lr if self.lr is not None else r.lr * (batch / r.batch_size if r.lr_per_example else 1.0)
+        pick = lambda given, default: default if given is None else given  # noqa: E731
+        return replace(self, recipe=r.name, epochs=pick(self.epochs, r.epochs), batch_size=batch, lr=lr,
+                       weight_decay=pick(self.weight_decay, r.weight_decay),
+                       label_smoothing=pick(self.label_smoothing, r.label_smoothing),
+                       augment_pad=pick(self.augment_pad, r.translate))
+
+    @property
+    def recipe_settings(self) -> Recipe:
+        """The recipe's fixed parts (the schedule, the tricks) of a `resolved` config."""
+        if self.recipe == "auto":
+            raise ValueError("recipe auto: call TrainConfig.resolved(backbone) first")
+        return recipe_for(self.recipe, "")
 
     def translation_for(self, image_size: int) -> int:
         """The augmentation's translation in pixels: --augment-pad, or 0 for 28 px images, 4 for larger."""

@@ -18,6 +18,9 @@ log's order and how a forget is erased from its files.
                version, by the first process that embeds the example, so every process
                applies bit-identical vectors
     meta       store_id (a uuid: snapshots name the store they were taken from)
+    review     the review queue (review_queue.py): images the model was unsure of, with
+               their best guess; one row per image (sha256 unique), bounded in count and
+               age, deleted on dismiss, teach and a forget of the same image
 
 Writes go through one writer thread per process that commits whatever is queued in one
 transaction (group commit): acknowledged means committed durably. Every write has a
@@ -26,7 +29,7 @@ written"); one that lost its connection while committing is looked up by its req
 before anyone is told anything (committed, not committed, or, when the store cannot be
 asked, "outcome unknown").
 
-(One file of ~540 lines: the schema, the statements and the writer that orders and commits
+(One file of ~640 lines: the schema, the statements and the writer that orders and commits
 them are one contract; the dialects are in sqlite_store.py and postgres_store.py.)
 """
 
@@ -75,7 +78,23 @@ SCHEMA = [
         vector {blob} NOT NULL,
         crc BIGINT NOT NULL,
         PRIMARY KEY (model_version, seq))""",
+    # the review queue: the image bytes as received, with the answer that put them here
+    """CREATE TABLE IF NOT EXISTS review (
+        id {serial} PRIMARY KEY,
+        created DOUBLE PRECISION NOT NULL,
+        sha256 TEXT NOT NULL UNIQUE,
+        data {blob} NOT NULL,
+        content_type TEXT NOT NULL,
+        label TEXT NOT NULL,
+        confidence DOUBLE PRECISION NOT NULL,
+        ood_score DOUBLE PRECISION,
+        abstained INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        model_version TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS review_created ON review (created)""",
 ]
+# the tables a forget deletes rows of, and so erases from the database's files
+FORGET_TABLES = ("images", "features", "review")
 IDEMPOTENCY_RETENTION = 24 * 3600  # seconds a key stays bound to its first request
 WRITE_TIMEOUT = 30.0  # seconds a write may wait in the queue before it is cancelled
 RUNNING_LIMIT = 120.0  # seconds to wait for a started write (bounded by the database's own timeouts)
@@ -136,6 +155,45 @@ class Example:
 
 
 @dataclass
+class ReviewOffer:
+    """An image the model was unsure of, with its answer, for the review queue."""
+    data: bytes
+    content_type: str
+    label: str  # the best guess, by name
+    confidence: float
+    ood_score: float | None
+    abstained: bool
+    path: str
+    model_version: str
+
+
+@dataclass
+class ReviewItem:
+    """A review queue entry as listed (its image bytes are read on their own: `review_item`)."""
+    id: int
+    created: float
+    sha256: str
+    content_type: str
+    label: str
+    confidence: float
+    ood_score: float | None
+    abstained: bool
+    path: str
+    model_version: str
+
+
+@dataclass
+class ReviewChange:
+    """What a review queue write did: the rows it added or deleted, and the queue's size after."""
+    id: int | None = None  # the row added (or refreshed: the same image again)
+    deleted: int = 0
+    size: int = 0
+
+
+REVIEW_COLUMNS = "id, created, sha256, content_type, label, confidence, ood_score, abstained, path, model_version"
+
+
+@dataclass
 class AppendResult:
     request_id: str
     seqs: list[int]
@@ -145,7 +203,7 @@ class AppendResult:
 
 @dataclass
 class _Write:
-    kind: str  # append | forget | response
+    kind: str  # append | forget | response | review_add | review_delete | review_prune
     args: tuple
     request_id: str | None = None  # what a lost commit is looked up by
     future: Future = field(default_factory=Future)
@@ -202,8 +260,9 @@ class FeedbackStore:
     def wait_for_change(self, timeout: float) -> None:
         time.sleep(timeout)
 
-    def erase_forgotten(self) -> None:
-        """After a committed forget: erase the deleted image from the database's files."""
+    def erase_deleted(self, tables: tuple[str, ...]) -> None:
+        """After a committed forget or dismissal: erase the deleted rows of `tables` from the
+        database's files."""
 
     def sql(self, text: str) -> str:
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
@@ -317,12 +376,36 @@ class FeedbackStore:
     def record_response_later(self, request_id: str, response: str) -> None:
         """The same without waiting: written with the next group commit (a failure is logged;
         a retry of that request then renders its answer from the log)."""
+        f = self._write_later("response", request_id, response)
+        f.add_done_callback(lambda f: f.exception() and log.warning(
+            "the answer of request %s was not recorded for retries (%s)", request_id, f.exception()))
+
+    def _write_later(self, kind: str, *args) -> Future:
+        """Queue a write without waiting for it: its future says how it went."""
         if self._writer is None:
             self.start()
-        w = _Write("response", (request_id, response), request_id=None)
-        w.future.add_done_callback(lambda f: f.exception() and log.warning(
-            "the answer of request %s was not recorded for retries (%s)", request_id, f.exception()))
+        w = _Write(kind, args, request_id=None)
         self._writes.put(w)
+        return w.future
+
+    # --- the review queue: one table, written by the same writer ---------------------------------
+    def review_add_later(self, offer: ReviewOffer, max_items: int, max_age: float) -> Future:
+        """Queue an image for review without waiting (a prediction never waits for the store):
+        committed with the next group commit, the same image again refreshes its row, and
+        rows past `max_age` seconds or beyond the newest `max_items` are deleted in the same
+        transaction. The future's result is a ReviewChange."""
+        return self._write_later("review_add", offer, max_items, max_age)
+
+    def review_delete(self, item_id: int, erase: bool = True) -> ReviewChange:
+        """Delete review item `item_id` (NotFound when there is none); with `erase`, also from
+        the database's files (a dismissal; a taught item's image lives on as feedback)."""
+        return self._write("review_delete", item_id, erase)
+
+    def review_prune(self, max_items: int, max_age: float, erase_earlier: bool) -> ReviewChange:
+        """Delete the rows past the bounds and erase them from the database's files; with
+        `erase_earlier`, erase the files even when none are past the bounds now (rows the
+        bounds dropped when images joined are deleted but not yet erased)."""
+        return self._write("review_prune", max_items, max_age, erase_earlier)
 
     def _write_loop(self) -> None:
         while True:
@@ -351,7 +434,7 @@ class FeedbackStore:
                 for w in batch:
                     results.append(getattr(self, f"_do_{w.kind}")(cur, *w.args, seen=seen))
                 if any(w.kind in ("append", "forget") for w in batch):
-                    self.notify(cur)
+                    self.notify(cur)  # the log grew (the review queue is not in the log)
         except _CommitLost as lost:
             self._resolve_lost_commit(batch, lost)
             return
@@ -359,16 +442,35 @@ class FeedbackStore:
             for w in batch:
                 w.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
             return
+        # feedback is answered before the erasure (it waits for no one); review queue writes
+        # after it, so that a dismissal is answered once the image has left the files
+        waits = [w.kind.startswith("review") for w in batch]
+        for w, r, wait in zip(batch, results, waits):
+            if not wait:
+                _settle(w.future, r)
+        erase = self._tables_to_erase(batch, results)
+        if erase:
+            try:
+                self.erase_deleted(erase)
+            except Exception:  # the rows are gone; the files are erased by the next forget or checkpoint
+                log.exception("erasing deleted images from the database files failed")
+        for w, r, wait in zip(batch, results, waits):
+            if wait:
+                _settle(w.future, r)
+
+    @staticmethod
+    def _tables_to_erase(batch: list[_Write], results: list) -> tuple[str, ...]:
+        """The tables whose deleted rows this batch must erase from the files: a forget's, a
+        dismissal's, and a prune's that deleted rows or was asked to (its last argument)."""
+        tables: set[str] = set()
         for w, r in zip(batch, results):
             if isinstance(r, Exception):
-                w.future.set_exception(r)
-            else:
-                w.future.set_result(r)
-        if any(w.kind == "forget" and not isinstance(r, Exception) and r is not None for w, r in zip(batch, results)):
-            try:
-                self.erase_forgotten()
-            except Exception:  # the rows are gone; the files are erased by the next forget or checkpoint
-                log.exception("erasing forgotten images from the database files failed")
+                continue
+            if w.kind == "forget" and r is not None:
+                tables.update(FORGET_TABLES)
+            elif w.kind == "review_delete" and w.args[-1] or w.kind == "review_prune" and (r.deleted or w.args[-1]):
+                tables.add("review")
+        return tuple(sorted(tables))
 
     def _resolve_lost_commit(self, batch: list[_Write], lost: _CommitLost) -> None:
         """The commit was sent and the connection died: ask the store (on a fresh connection)
@@ -394,6 +496,9 @@ class FeedbackStore:
                 w.future.set_result(AppendResult(w.request_id, [r[0] for r in found[w.request_id]]))
             elif w.kind == "forget":
                 w.future.set_result(found[w.request_id][0][0] if found[w.request_id] else None)
+            elif w.kind.startswith("review"):  # committed with the rest; its own result is not known
+                w.future.set_exception(OutcomeUnknown(f"the review queue write committed but its result was "
+                                                      f"lost ({lost}); list the queue to see it"))
             else:
                 w.future.set_result(self.response_of(w.args[0]))
 
@@ -455,11 +560,62 @@ class FeedbackStore:
             return None
         now = time.time()
         cur.execute(self.sql("UPDATE log SET forgotten = ? WHERE seq = ?"), (now, seq))
+        # the same image waiting in the review queue is forgotten with it
+        cur.execute(self.sql("DELETE FROM review WHERE sha256 IN (SELECT sha256 FROM images WHERE seq = ?)"), (seq,))
         cur.execute(self.sql("DELETE FROM images WHERE seq = ?"), (seq,))
         cur.execute(self.sql("DELETE FROM features WHERE seq = ?"), (seq,))
         cur.execute(self.sql("INSERT INTO log (kind, request_id, position, target, created) "
                              "VALUES ('forget', ?, 0, ?, ?) RETURNING seq"), (request_id, seq, now))
         return cur.fetchone()[0]
+
+    def _do_review_add(self, cur, offer: ReviewOffer, max_items, max_age, seen):
+        # in a savepoint: a row the database refuses must not fail the feedback committed with it
+        cur.execute("SAVEPOINT review_add")
+        try:
+            change = self._review_insert(cur, offer, max_items, max_age)
+        except self.unavailable_errors:
+            raise
+        except Exception as e:
+            cur.execute("ROLLBACK TO SAVEPOINT review_add")
+            return FeedbackStoreError(f"the review queue refused an image: {e}")
+        cur.execute("RELEASE SAVEPOINT review_add")
+        return change
+
+    def _review_insert(self, cur, offer: ReviewOffer, max_items: int, max_age: float) -> ReviewChange:
+        now = time.time()
+        cur.execute(self.sql(
+            "INSERT INTO review (created, sha256, data, content_type, label, confidence, ood_score, abstained, "
+            "path, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (sha256) DO UPDATE SET created = excluded.created, label = excluded.label, "
+            "confidence = excluded.confidence, ood_score = excluded.ood_score, abstained = excluded.abstained, "
+            "path = excluded.path, model_version = excluded.model_version RETURNING id"),
+            (now, hashlib.sha256(offer.data).hexdigest(), offer.data, offer.content_type, offer.label,
+             offer.confidence, offer.ood_score, int(offer.abstained), offer.path, offer.model_version))
+        item_id = cur.fetchone()[0]
+        deleted = self._review_bound(cur, max_items, max_age, now)
+        return ReviewChange(item_id, deleted, self._review_size(cur))
+
+    def _do_review_delete(self, cur, item_id, erase, seen):
+        cur.execute(self.sql("DELETE FROM review WHERE id = ?"), (item_id,))
+        if cur.rowcount == 0:
+            return NotFound(f"no review item with id {item_id} (taught, dismissed, dropped or forgotten already)")
+        return ReviewChange(item_id, 1, self._review_size(cur))
+
+    def _do_review_prune(self, cur, max_items, max_age, erase_earlier, seen):
+        deleted = self._review_bound(cur, max_items, max_age, time.time())
+        return ReviewChange(None, deleted, self._review_size(cur))
+
+    def _review_bound(self, cur, max_items: int, max_age: float, now: float) -> int:
+        """Delete the rows older than `max_age` and those beyond the newest `max_items`."""
+        cur.execute(self.sql("DELETE FROM review WHERE created < ?"), (now - max_age,))
+        deleted = cur.rowcount
+        cur.execute(self.sql("DELETE FROM review WHERE id NOT IN "
+                             "(SELECT id FROM review ORDER BY created DESC, id DESC LIMIT ?)"), (max_items,))
+        return deleted + cur.rowcount
+
+    def _review_size(self, cur) -> int:
+        cur.execute("SELECT COUNT(*) FROM review")
+        return int(cur.fetchone()[0])
 
     def _do_response(self, cur, request_id, response, seen):
         cur.execute(self.sql("UPDATE requests SET response = ? WHERE request_id = ? AND response IS NULL"),
@@ -531,8 +687,41 @@ class FeedbackStore:
                          args)
         return [Example(*r) for r in rows]
 
+    def review_items(self, limit: int, since: float) -> list[ReviewItem]:
+        """The review queue newest first, none created before `since` (older ones wait for the
+        next prune)."""
+        rows = self._all(f"SELECT {REVIEW_COLUMNS} FROM review WHERE created >= ? "
+                         f"ORDER BY created DESC, id DESC LIMIT ?", (since, limit))
+        return [_review_item(r) for r in rows]
+
+    def review_item(self, item_id: int, since: float) -> tuple[ReviewItem, bytes]:
+        """One review item and its image bytes; NotFound when there is none (or it expired)."""
+        row = self._one(f"SELECT {REVIEW_COLUMNS}, data FROM review WHERE id = ? AND created >= ?", (item_id, since))
+        if row is None:
+            raise NotFound(f"no review item with id {item_id} (taught, dismissed, dropped or forgotten already)")
+        item, data = _review_item(row[:-1]), bytes(row[-1])
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            raise FeedbackStoreError(f"{self.describe()}: image of review item {item_id} fails its sha256")
+        return item, data
+
+    def review_size(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM review")[0])
+
     def describe(self) -> str:
         return self.url
+
+
+def _settle(future: Future, result) -> None:
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def _review_item(row) -> ReviewItem:
+    r = list(row)
+    r[7] = bool(r[7])  # abstained: an integer in both databases
+    return ReviewItem(*r)
 
 
 def _rollback_quietly(conn) -> None:

@@ -11,9 +11,10 @@
   order and a reader that sees seq N has seen every seq below it; each commit NOTIFYs
   `feedback_log`, and readers also poll by sequence as a safety net.
 - Forgetting erases: the image's row (bytes and sha256) and its vectors are deleted, and
-  the images and features tables rewritten (VACUUM FULL: a plain VACUUM leaves the deleted
-  bytes in the table's pages; the rewrite costs time in proportion to those tables, taken
-  once per forget) and, where the role may,
+  the images, features and review tables rewritten (VACUUM FULL: a plain VACUUM leaves the
+  deleted bytes in the table's pages; the rewrite costs time in proportion to those tables,
+  taken once per forget; a review queue dismissal rewrites the review table alone) and,
+  where the role may,
   the write-ahead log is switched and checkpointed so that the segments holding the image
   are removed (with the server's `wal_recycle = off`; a recycled segment keeps its bytes).
 """
@@ -106,13 +107,14 @@ class PostgresStore(FeedbackStore):
             self._close_listener()
             time.sleep(timeout)
 
-    def erase_forgotten(self) -> None:
+    def erase_deleted(self, tables: tuple[str, ...]) -> None:
         psycopg = self._psycopg
         with self.connection() as conn:
             conn.autocommit = True
             try:
                 conn.execute("SET statement_timeout = '5min'")  # the rewrite grows with the table
-                conn.execute("VACUUM (FULL) images, features")
+                # the names come from feedback_store (FORGET_TABLES, "review"), never from a request
+                conn.execute(f"VACUUM (FULL) {', '.join(tables)}")
                 try:
                     conn.execute("SELECT pg_switch_wal()")
                     conn.execute("CHECKPOINT")

@@ -343,7 +343,8 @@ class MemoryReplica:
         self.outcomes.clear()
         self._skipped.clear()
         if not self._restore(before=before):
-            pristine = load_model(*self._source).model.memory
+            # the stored memory whose keys this version's network made (the engine's variant: store.py)
+            pristine = load_model(*self._source, keys_of=self.loaded.engine).model.memory
             self.memory.load_state_dict(pristine.state_dict())
             self.applied_seq = self.stats.restored_from_seq = 0
         if self.memory.index is not None:  # it held the memory before: made to hold the restored one

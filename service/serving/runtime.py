@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.engine import load_engine_model
 from ..core.model import Prediction
 from ..core.retrieval import DEFAULT_NPROBE
 from ..core.routing import EMPTY, RoutingPolicy
-from ..core.store import LoadedModel, load_model
+from ..core.store import LoadedModel
 from .feedback_store import AppendResult, FeedbackStore, FeedbackStoreError, Upload, open_store
 from .fitter import TaughtRowFitter
 from .replica import FeedbackOutcome, MemoryReplica
@@ -83,9 +84,13 @@ class ModelRuntime:
     def __init__(self, store: str | Path, name: str, state_dir: str | Path, policy_overrides: dict | None = None,
                  index: str = "exact", nprobe: int = DEFAULT_NPROBE, protect_feedback: bool = True,
                  feedback_db: str | None = None, feedback: FeedbackStore | None = None,
-                 store_options: dict | None = None, device: str = "cpu"):
-        self.loaded: LoadedModel = load_model(store, name)
+                 store_options: dict | None = None, device: str = "cpu", engine: str = "auto"):
         self.device = resolve_device(device)
+        # the network the model runs on (core/engine.py; auto: the manifest's) and the memory
+        # keys, thresholds and served version that go with it: feedback vectors and snapshots
+        # are kept per served version, so one engine's never reach another
+        self.loaded: LoadedModel = load_engine_model(store, name, engine, self.device)
+        self.engine = self.loaded.engine
         self.model = self.loaded.model.for_inference().to(self.device)  # the memory's buffers go with it
         self.memory = self.model.memory
         self.version = self.loaded.version
@@ -261,7 +266,7 @@ class ModelRuntime:
     def memory_info(self) -> dict:
         """What /memory shows; takes the memory lock (call it off the event loop)."""
         base = {"policy": self.policy.to_dict(), "policy_overrides": dict(self.overrides),
-                "device": str(self.device),
+                "device": str(self.device), "engine": self.engine,
                 "state_hash": self.state_hash(), "model_version": self.version, "pid": os.getpid()}
         if self.memory is None:
             return {"kind": "none", "capacity": 0, "size": 0, "per_class": {}, "replacements": 0, **base}

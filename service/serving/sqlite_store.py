@@ -3,7 +3,7 @@ synchronous=FULL (a commit is on disk before the answer). Several processes on o
 share it (SQLite's locks order the writers); each thread keeps a connection of its own.
 
 Forgetting erases: every connection runs with `secure_delete` (freed pages and cells are
-overwritten with zeros), and after a forget the write-ahead log, which still holds the
+overwritten with zeros), and after a forget (or a review queue dismissal) the write-ahead log, which still holds the
 page images written when the example arrived, is checkpointed into the main file and
 truncated to nothing.
 """
@@ -93,10 +93,10 @@ class SqliteStore(FeedbackStore):
     def columns(self, cur, table: str) -> set[str]:
         return {row[1] for row in cur.execute(f"PRAGMA table_info({table})").fetchall()}
 
-    def erase_forgotten(self) -> None:
-        """Fold the WAL into the main file (where secure_delete zeroed the image) and truncate
-        it; readers of other processes hold it for milliseconds, so a busy checkpoint is
-        tried again."""
+    def erase_deleted(self, tables: tuple[str, ...]) -> None:
+        """Fold the WAL into the main file (where secure_delete zeroed the deleted rows, of any
+        table) and truncate it; readers of other processes hold it for milliseconds, so a busy
+        checkpoint is tried again."""
         with self.connection() as conn:
             for attempt in range(50):
                 busy, _, _ = conn.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()

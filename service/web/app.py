@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from ..serving.review_queue import PRUNE_INTERVAL, ReviewQueue, ReviewSettings
 from ..serving.runtime import ModelRuntime
 from ..serving.snapshots import SnapshotError
 from . import docs, inference_protocol, page
@@ -35,15 +36,17 @@ async def lifespan(app: FastAPI):
     state.runtime = rt = await state.on_model_thread(
         lambda: ModelRuntime(cfg.model_store, cfg.model_name, cfg.state_dir, cfg.policy_overrides(),
                              cfg.memory_index, cfg.index_nprobe, cfg.protect_feedback, cfg.feedback_db,
-                             store_options=cfg.store_options(), device=cfg.device))
+                             store_options=cfg.store_options(), device=cfg.device, engine=cfg.engine))
     rt.start_tail(listener=state.metrics.tail_changed)  # what other processes commit
     spec = rt.loaded.input
     await state.on_model_thread(rt.predict, torch.zeros(1, spec.in_chans, spec.image_size, spec.image_size))
     state.metrics.set_model_info(name=rt.loaded.name, version=rt.loaded.version, memory_kind=rt.model.config.memory,
                                  threshold=str(rt.policy.confidence_threshold),
                                  policy=json.dumps(rt.policy.to_dict(), sort_keys=True),
-                                 policy_overrides=json.dumps(rt.overrides, sort_keys=True), device=str(rt.device))
+                                 policy_overrides=json.dumps(rt.overrides, sort_keys=True), device=str(rt.device),
+                                 engine=rt.engine)
     state.update_memory_gauges()
+    app.state.review_queue = queue = make_review_queue(cfg, rt, state)
     state.start_batcher()
     # the libraries' and the model's objects live as long as the process: out of the
     # collector's reach, so that a full collection scans only what requests made (with them
@@ -52,12 +55,14 @@ async def lifespan(app: FastAPI):
     gc.freeze()
     state.ready = True
     log.info("ready: model %s version %s, policy %s", rt.loaded.name, rt.loaded.version, rt.policy)
-    task = asyncio.create_task(_periodic_snapshots(state)) if cfg.snapshot_interval > 0 else None
+    tasks = [asyncio.create_task(_periodic_snapshots(state))] if cfg.snapshot_interval > 0 else []
+    if queue is not None:
+        tasks.append(asyncio.create_task(_periodic_review_prune(queue)))
     try:
         yield
     finally:
         state.ready = False
-        if task:
+        for task in tasks:
             task.cancel()
         await state.stop_batchers()
         if rt.memory is not None:
@@ -91,6 +96,35 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     app.mount(page.STATIC_URL, StaticFiles(directory=page.STATIC_DIR), name="static")
     app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
     return app
+
+
+def make_review_queue(cfg: ServiceConfig, rt: ModelRuntime, state: AppState) -> ReviewQueue | None:
+    """The review queue when REVIEW_QUEUE is on and the model has a memory (its store holds
+    the queue, and only a memory can be taught what a reviewer says); else None."""
+    if not cfg.review_queue:
+        return None
+    if rt.store is None:
+        log.warning("REVIEW_QUEUE=on ignored: model %s has no memory (nothing to teach, no store)", rt.loaded.name)
+        return None
+    below = cfg.review_confidence_below
+    settings = ReviewSettings(cfg.review_queue_max, cfg.review_queue_max_age,
+                              rt.policy.confidence_threshold if below is None else below)
+    m = state.metrics
+    queue = ReviewQueue(rt.store, settings, rt.version, on_size=m.review_queue_items.set,
+                        on_offer=lambda outcome: m.review_queue_images.labels(outcome).inc())
+    m.review_queue_items.set(queue.size())
+    log.info("review queue on: %s", settings)
+    return queue
+
+
+async def _periodic_review_prune(queue: ReviewQueue) -> None:
+    """Expired images leave the queue, and dropped ones the database's files, without traffic."""
+    while True:
+        await asyncio.sleep(PRUNE_INTERVAL)
+        try:
+            await asyncio.to_thread(queue.prune)
+        except Exception as e:  # the store is down: the next prune tries again
+            log.warning("review queue prune failed: %s", e)
 
 
 async def _periodic_snapshots(state: AppState) -> None:

@@ -1,6 +1,6 @@
 """What the endpoints of both APIs (routers.py, inference_protocol.py) share: the FastAPI
 dependencies that read the app's state from `request.app.state` (the runtime, readiness, the
-bearer token), and the metrics each predicted image counts in."""
+bearer token, the review queue), and the metrics each predicted image counts in."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hmac
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from ..serving.review_queue import ReviewQueue
 from ..serving.runtime import ModelRuntime, Served
 from .errors import ApiError
 from .metrics import Metrics
@@ -35,6 +36,19 @@ def ready_runtime(rt: ModelRuntime = Depends(runtime)) -> ModelRuntime:
     if reason:
         raise ApiError(503, "not_ready", reason)
     return rt
+
+
+def review_queue(request: Request) -> ReviewQueue | None:
+    """The review queue, None when REVIEW_QUEUE is off (app.py's lifespan makes it)."""
+    return getattr(request.app.state, "review_queue", None)
+
+
+def require_review_queue(queue: ReviewQueue | None = Depends(review_queue),
+                         rt: ModelRuntime = Depends(runtime)) -> ReviewQueue:
+    if queue is None:
+        raise ApiError(404, "review_queue_off", "this server keeps no review queue (REVIEW_QUEUE=on turns it on)"
+                       if rt.memory is not None else "this model has no memory: it keeps no review queue")
+    return queue
 
 
 def require_token(state: AppState = Depends(app_state),

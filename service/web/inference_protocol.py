@@ -66,7 +66,9 @@ def served_model(state: AppState, name: str, version: str | None = None) -> Mode
 
 
 def model_metadata(rt: ModelRuntime) -> ModelMetadata:
-    return oip_codec.model_metadata(rt.loaded.name, rt.loaded.version, rt.loaded.input, len(rt.classes))
+    metadata = oip_codec.model_metadata(rt.loaded.name, rt.loaded.version, rt.loaded.input, len(rt.classes))
+    metadata.engine = rt.engine
+    return metadata
 
 
 def readiness(state: AppState) -> Response:

@@ -16,7 +16,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-MODEL_INFO_LABELS = ("name", "version", "memory_kind", "threshold", "policy", "policy_overrides", "device")
+MODEL_INFO_LABELS = ("name", "version", "memory_kind", "threshold", "policy", "policy_overrides", "device",
+                     "engine")
 
 
 def multiprocess_dir() -> str | None:
@@ -55,6 +56,13 @@ class Metrics:
         self.tail_healthy.set(1)
         self.tail_failures = Counter("feedback_tail_failures", "Failures of the feedback log tail (each retried)",
                                      registry=r)
+        # the review queue (REVIEW_QUEUE=on): one table shared by every process, so its size is
+        # the value the last process to write it saw
+        self.review_queue_items = Gauge("review_queue_items", "Images waiting in the review queue", registry=r,
+                                        multiprocess_mode="livemostrecent")
+        self.review_queue_images = Counter("review_queue_images", "Images the model was unsure of, by what became "
+                                           "of them: queued, opted_out (the request said Review-Queue: no), busy "
+                                           "(too many waiting for the store), failed", ["outcome"], registry=r)
         # the info idiom as a gauge fixed at 1 (prometheus_client's Info has no multiprocess mode)
         self.model_info = Gauge("model_info", "The served model", MODEL_INFO_LABELS, registry=r,
                                 multiprocess_mode="livemax")

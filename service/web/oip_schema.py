@@ -67,6 +67,10 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[MetadataTensor] = Field(description="send exactly one of them")
     outputs: list[MetadataTensor]
+    # beyond the protocol's fields (clients ignore what they do not know): the network's
+    # inference engine, whose model version `versions` names (each engine serves its own)
+    engine: str = Field("eager", description="the network's inference engine in force (ENGINE): eager or "
+                                             "openvino-int8")
 
 
 class RequestInput(BaseModel):

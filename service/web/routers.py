@@ -17,13 +17,15 @@ from starlette.concurrency import run_in_threadpool
 
 from ..core.preprocess import media_type
 from ..serving.feedback_store import Upload
+from ..serving.review_queue import ReviewQueue, answers_of
 from ..serving.runtime import FeedbackResult, ModelRuntime, Served
-from .dependencies import app_state, observe_prediction, ready_runtime, require_token, runtime
+from .dependencies import (app_state, observe_prediction, ready_runtime, require_review_queue, require_token,
+                           review_queue, runtime)
 from .errors import STATUSES, ApiError
 from .requests import decode_batch, read_images
-from .schemas import (ClassScore, ErrorBody, FeedbackItem, FeedbackList, FeedbackResponse, Forgotten, Health,
-                      ImagePrediction, MemoryResponse, NearestItem, PredictJSON, PredictResponse, SnapshotResponse,
-                      StoredExample)
+from .schemas import (ClassScore, Dismissed, ErrorBody, FeedbackItem, FeedbackList, FeedbackResponse, Forgotten,
+                      Health, ImagePrediction, MemoryResponse, NearestItem, PredictJSON, PredictResponse, ReviewEntry,
+                      ReviewList, ReviewTeach, SnapshotResponse, StoredExample)
 from .state import AppState
 
 ERRORS = {s: {"model": ErrorBody} for s in STATUSES}
@@ -44,12 +46,18 @@ FeedbackId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
 async def predict(request: Request, state: AppState = Depends(app_state),
-                  rt: ModelRuntime = Depends(runtime)) -> Response:
+                  rt: ModelRuntime = Depends(runtime), queue: ReviewQueue | None = Depends(review_queue),
+                  review: str | None = Header(None, alias="Review-Queue", pattern="^(yes|no)$", description=
+                                              "no: never keep these images in the review queue (REVIEW_QUEUE=on "
+                                              "keeps those the model is unsure of)")) -> Response:
     t0 = time.perf_counter()
     files = await read_images(request, state.config, allow_json=True)
     batch, decode_s = await decode_batch(files, rt.loaded.input, state.config, state.decode_pool)
     served, batch_size = await state.predict(batch)
     answer = predict_response(rt, served, decode_s, time.perf_counter() - t0, state, batch_size)
+    if queue is not None:  # never waits for the store
+        queue.offer(files, answers_of(served.prediction, [p.label for p in answer.predictions]),
+                    opted_out=review == "no")
     # serialised here, once: FastAPI would validate the model against response_model again
     return Response(answer.model_dump_json(), media_type="application/json")
 
@@ -61,6 +69,12 @@ async def feedback(request: Request, state: AppState = Depends(app_state), rt: M
                                                         "a retried request with the same key gets the first "
                                                         "answer and writes nothing")) -> Response:
     files, label = await read_images(request, state.config, allow_json=False, label_field=True)
+    return await teach(state, rt, files, label, idempotency_key)
+
+
+async def teach(state: AppState, rt: ModelRuntime, files: list[bytes], label: str,
+                idempotency_key: str | None) -> Response:
+    """The feedback use case over HTTP (POST /feedback, and teaching a review queue item)."""
     rt.check_label(label)  # an early, clear refusal before decoding (microseconds: on the loop)
     batch, _ = await decode_batch(files, rt.loaded.input, state.config, state.decode_pool)
     vectors = await state.embed(batch)
@@ -106,6 +120,48 @@ async def forget_feedback(feedback_id: FeedbackId, state: AppState = Depends(app
     changed = await run_in_threadpool(rt.forget, feedback_id)
     state.update_memory_gauges()
     return Forgotten(id=feedback_id, already=not changed)
+
+
+# --- the review queue (REVIEW_QUEUE=on; docs/review-queue.md) -------------------------------------
+ReviewId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+
+
+@router.get("/review", response_model=ReviewList, responses=ERRORS, dependencies=[Depends(require_token)])
+async def list_review(queue: ReviewQueue = Depends(require_review_queue),
+                      limit: int = Query(50, ge=1, le=500)) -> ReviewList:
+    items, size = await run_in_threadpool(lambda: (queue.items(limit), queue.size()))
+    s = queue.settings
+    return ReviewList(items=[ReviewEntry(
+        id=i.id, label=i.label, confidence=i.confidence, ood_score=i.ood_score, abstained=i.abstained, path=i.path,
+        time=i.created, content_type=i.content_type, image_url=f"review/{i.id}/image", model_version=i.model_version)
+        for i in items], size=size, max_items=s.max_items, max_age=s.max_age, confidence_below=s.confidence_below)
+
+
+@router.get("/review/{item_id}/image", responses=ERRORS, dependencies=[Depends(require_token)],
+            response_class=Response)
+async def review_image(item_id: ReviewId, queue: ReviewQueue = Depends(require_review_queue)) -> Response:
+    item, data = await run_in_threadpool(queue.item, item_id)
+    return Response(data, media_type=item.content_type)
+
+
+@router.post("/review/{item_id}/teach", response_model=FeedbackResponse, responses=ERRORS,
+             dependencies=[Depends(require_token)])
+async def teach_review_item(item_id: ReviewId, body: ReviewTeach, state: AppState = Depends(app_state),
+                            rt: ModelRuntime = Depends(runtime),
+                            queue: ReviewQueue = Depends(require_review_queue)) -> Response:
+    """The item's image becomes feedback with this label, then leaves the queue."""
+    rt.check_label(body.label)  # before anything is read: a bad label changes nothing
+    item, data = await run_in_threadpool(queue.item, item_id)
+    answer = await teach(state, rt, [data], body.label, queue.teach_key(item))
+    await run_in_threadpool(queue.taught, item_id)
+    return answer
+
+
+@router.delete("/review/{item_id}", response_model=Dismissed, responses=ERRORS,
+               dependencies=[Depends(require_token)])
+async def dismiss_review_item(item_id: ReviewId, queue: ReviewQueue = Depends(require_review_queue)) -> Dismissed:
+    await run_in_threadpool(queue.dismiss, item_id)  # deleted and erased from the store's files
+    return Dismissed(id=item_id)
 
 
 @router.get("/memory", response_model=MemoryResponse, responses=ERRORS)

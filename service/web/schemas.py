@@ -84,6 +84,39 @@ class Forgotten(BaseModel):
     already: bool = Field(description="it had been forgotten before this request")
 
 
+class ReviewEntry(BaseModel):
+    id: int = Field(description="the review item's id (GET /review/{id}/image, POST /review/{id}/teach, "
+                                "DELETE /review/{id})")
+    label: str = Field(description="the best guess when the image was predicted")
+    confidence: float
+    ood_score: float | None
+    abstained: bool = Field(description="the answer was \"none of these\" (path abstain)")
+    path: Literal["memory", "network", "abstain"]
+    time: float = Field(description="when it joined the queue, or was predicted again (unix seconds)")
+    content_type: str
+    image_url: str = Field(description="its image, as received (needs the token)")
+    model_version: str
+
+
+class ReviewList(BaseModel):
+    items: list[ReviewEntry] = Field(description="newest first")
+    size: int = Field(description="images in the queue")
+    max_items: int = Field(description="REVIEW_QUEUE_MAX: the oldest are dropped beyond it")
+    max_age: float = Field(description="REVIEW_QUEUE_MAX_AGE: seconds an image stays at most")
+    confidence_below: float = Field(description="an answer less confident than this joins the queue (abstained "
+                                                "ones always do)")
+
+
+class ReviewTeach(BaseModel):
+    label: str = Field(min_length=1, max_length=200, description="class name or index; a new name teaches a "
+                                                                 "new class")
+
+
+class Dismissed(BaseModel):
+    id: int
+    dismissed: bool = True
+
+
 class MemoryResponse(BaseModel):
     kind: str
     capacity: int
@@ -103,6 +136,8 @@ class MemoryResponse(BaseModel):
     policy: dict = Field(default_factory=dict, description="the routing policy in force (manifest + overrides)")
     policy_overrides: dict = Field(default_factory=dict, description="policy fields set at serve time")
     device: str = Field("cpu", description="where the model and its memory live (DEVICE)")
+    engine: str = Field("eager", description="the network's inference engine in force (ENGINE): eager or "
+                                             "openvino-int8; the memory's keys are that engine's")
     state_hash: str = Field("", description="sha256 of the memory state: equal across processes exactly when "
                                             "their memories are")
 

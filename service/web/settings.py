@@ -88,10 +88,25 @@ class ServiceConfig(BaseSettings):
                                                      "is left")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model and its memory live: cpu, "
                                                     "cuda (the first GPU) or auto (cuda when torch sees one)")
+    engine: Literal["auto", "eager", "openvino-int8"] = Field(
+        "auto", description="the network's CPU inference engine (docs/engine.md): auto (the one the model's "
+        "manifest names, eager without one or on a GPU), eager (torch fp32) or openvino-int8 (made by `python -m "
+        "service retrofit --engine openvino-int8`); each engine serves its own model version and memory keys")
     memory_index: Literal["exact", "ivf"] = Field("exact", description="memory search: exact (chunked matrix "
                                                   "product) or ivf (faiss IVF index, approximate)")
     index_nprobe: int = Field(12, ge=1, description="IVF cells scanned per query (more: better recall, slower; "
                               "the default was chosen by recall@1 on held-out queries, BENCHMARKS.md)")
+    # the review queue (docs/review-queue.md): off unless asked for, since it keeps users' images
+    review_queue: bool = Field(False, description="keep the images the model was unsure of (abstained, or "
+                               "less confident than REVIEW_CONFIDENCE_BELOW) for review on the page: on or off; "
+                               "a request with the header `Review-Queue: no` is never kept")
+    review_queue_max: int = Field(200, ge=1, le=100_000, description="most images the review queue keeps (the "
+                                  "oldest are dropped)")
+    review_queue_max_age: float = Field(7 * 86400.0, gt=0, description="seconds an image stays in the review "
+                                        "queue at most")
+    review_confidence_below: float | None = Field(None, ge=0, le=1, description="an answer less confident than "
+                                                  "this joins the review queue (unset = the routing policy's "
+                                                  "confidence threshold)")
     max_batch_size: int = Field(32, description="most images the dynamic batcher runs together (1 = no batching)")
     max_batch_wait_ms: float = Field(0.0, description="longest a /predict request waits for others to join "
                                                       "its batch (0 = adaptive: run whatever is waiting as soon "

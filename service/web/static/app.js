@@ -1,4 +1,5 @@
-// The review page: classify images, correct answers, see and forget feedback, watch the memory.
+// The review page: classify images, correct answers, review what the model was unsure of (the
+// review queue), see and forget feedback, watch the memory.
 // Talks to the same API as any client; every failure becomes a sentence on the page.
 "use strict";
 
@@ -63,8 +64,9 @@ function token() {
   return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
-async function api(path, { method = "GET", body, auth = false, as = "json" } = {}) {
+async function api(path, { method = "GET", body, auth = false, as = "json", json = false } = {}) {
   const headers = {};
+  if (json) headers["Content-Type"] = "application/json";
   if (auth) {
     if (!token()) throw new ApiProblem(0, "no_token", "enter the API token above first");
     headers.Authorization = `Bearer ${token()}`;
@@ -105,22 +107,27 @@ function announce(text) {
 }
 
 // Pictures behind the token cannot be <img src>: fetch them with the header, show a blob URL.
-const pictures = new Map(); // feedback id -> Promise<object URL>
-function feedbackPicture(id) {
-  if (!pictures.has(id)) {
-    const p = api(`feedback/${encodeURIComponent(id)}/image`, { auth: true, as: "blob" })
-      .then((b) => URL.createObjectURL(b));
-    p.catch(() => pictures.delete(id)); // try again next time
-    pictures.set(id, p);
+const pictures = new Map(); // picture path -> Promise<object URL>
+function protectedPicture(path) {
+  if (!pictures.has(path)) {
+    const p = api(path, { auth: true, as: "blob" }).then((b) => URL.createObjectURL(b));
+    p.catch(() => pictures.delete(path)); // try again next time
+    pictures.set(path, p);
   }
-  return pictures.get(id);
+  return pictures.get(path);
 }
 
-async function showPicture(img, msg, id, alt) {
+const feedbackPath = (id) => `feedback/${encodeURIComponent(id)}/image`;
+
+function showPicture(img, msg, id, alt) {
+  return showPictureAt(img, msg, feedbackPath(id), alt);
+}
+
+async function showPictureAt(img, msg, path, alt) {
   img.hidden = true;
   msg.hidden = true;
   try {
-    img.src = await feedbackPicture(id);
+    img.src = await protectedPicture(path);
     img.alt = alt;
     img.hidden = false;
   } catch (e) {
@@ -145,11 +152,13 @@ function setupToken() {
     $("#token").value = "";
     showTokenState();
     loadFeedback();
+    loadQueue();
   });
   $("#token-clear").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
     showTokenState();
     loadFeedback();
+    loadQueue();
   });
   showTokenState();
 }
@@ -212,6 +221,7 @@ async function ask(card) {
     announce(p.abstained ? `${card.file.name}: unlike anything known; best guess ${p.label}.`
       : `${card.file.name}: ${p.label}, ${pct(p.confidence)} confident, from the ${p.path}.`);
     scheduleMemoryRefresh();
+    scheduleQueueRefresh();
   } catch (e) {
     $(".pending", n).hidden = true;
     $(".card-error", n).textContent = e.message;
@@ -423,7 +433,7 @@ async function forget(item, li, button, state, img, imgMsg) {
     li.classList.add("forgotten");
     state.textContent = "forgotten";
     erased(img, imgMsg);
-    pictures.delete(item.id);
+    pictures.delete(feedbackPath(item.id));
     button.textContent = "Forgotten";
     msg.textContent = `Forgot feedback #${item.id} (${item.label}); asking the answers on this page again.`;
     await Promise.all(cards.filter((c) => c.prediction).map(ask));
@@ -431,6 +441,139 @@ async function forget(item, li, button, state, img, imgMsg) {
   } catch (e) {
     button.disabled = false;
     msg.textContent = `Could not forget #${item.id}: ${e.message}`;
+  }
+}
+
+// ---- review queue ------------------------------------------------------------------------------
+// Images the server kept because the model was unsure of them (REVIEW_QUEUE=on). One click or
+// one key on an item teaches its best guess (A) or dismisses it (D); another class is typed.
+
+const QUEUE_PAGE = 50;
+let queueTimer = null;
+let queueCount = 0;
+
+// the server writes a queued image with its next commit: ask a moment after a prediction
+function scheduleQueueRefresh() {
+  clearTimeout(queueTimer);
+  queueTimer = setTimeout(loadQueue, 500);
+}
+
+async function loadQueue() {
+  const list = $("#queue-list");
+  const msg = $("#queue-msg");
+  if (!token()) {
+    list.replaceChildren();
+    msg.textContent = "Enter the API token above to see the review queue.";
+    return;
+  }
+  try {
+    const page = await api(`review?limit=${QUEUE_PAGE}`, { auth: true });
+    const focusedId = document.activeElement && document.activeElement.closest
+      && document.activeElement.closest(".qi") ? document.activeElement.closest(".qi").dataset.id : null;
+    const typing = document.activeElement && document.activeElement.closest
+      && document.activeElement.closest(".qi-other");
+    if (typing) return; // never pull the list from under someone typing a class name
+    list.replaceChildren(...page.items.map(queueItem));
+    const again = focusedId && list.querySelector(`.qi[data-id="${CSS.escape(focusedId)}"]`);
+    if (again) again.focus();
+    msg.textContent = page.items.length
+      ? `${page.size} image${page.size === 1 ? "" : "s"} to review (kept at most ${page.max_items}; ` +
+        `answers under ${pct(page.confidence_below)} confident, or "none of these").`
+      : "Nothing to review.";
+  } catch (e) {
+    list.replaceChildren();
+    msg.textContent = e.code === "review_queue_off"
+      ? "The review queue is off on this server (REVIEW_QUEUE=on keeps the images the model is unsure of)."
+      : `Review queue unavailable: ${e.message}`;
+  }
+}
+
+function queueItem(item) {
+  const n = ++queueCount;
+  const li = $("#queue-template").content.firstElementChild.cloneNode(true);
+  li.dataset.id = item.id;
+  li.dataset.path = item.image_url;
+  const when = new Date(item.time * 1000);
+  const sure = `${pct(item.confidence)} confident`;
+  li.setAttribute("aria-label", `Review image #${item.id}: best guess ${item.label}, ${sure}` +
+    (item.abstained ? ", none of these?" : ""));
+  $(".qi-guess", li).textContent = item.label;
+  $(".qi-confidence", li).textContent = sure;
+  $(".qi-badge", li).hidden = !item.abstained;
+  $(".qi-time", li).dateTime = when.toISOString();
+  $(".qi-time", li).textContent = `#${item.id}, ${when.toLocaleString()}`;
+  const accept = $(".qi-accept", li);
+  accept.textContent = `Teach "${item.label}"`;
+  accept.setAttribute("aria-label", `Teach the best guess "${item.label}" for review image #${item.id}`);
+  const dismiss = $(".qi-dismiss", li);
+  dismiss.setAttribute("aria-label", `Dismiss review image #${item.id}`);
+  const input = $(".qi-other input", li);
+  input.id = `queue-label-${n}`;
+  $(".qi-other label", li).htmlFor = input.id;
+  showPictureAt($(".qi-img", li), $(".qi-img-msg", li), item.image_url,
+    `review image #${item.id}, best guess ${item.label}`);
+  accept.addEventListener("click", () => teachQueued(item, li, item.label));
+  dismiss.addEventListener("click", () => dismissQueued(item, li));
+  $(".qi-other", li).addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const label = input.value.trim();
+    if (label) teachQueued(item, li, label);
+  });
+  li.addEventListener("keydown", (ev) => {
+    // the item's own keys; letters typed into its class field are text
+    if (ev.target.closest(".qi-other") || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const key = ev.key.toLowerCase();
+    if (key === "a") { ev.preventDefault(); teachQueued(item, li, item.label); }
+    else if (key === "d" || key === "delete") { ev.preventDefault(); dismissQueued(item, li); }
+  });
+  return li;
+}
+
+function busy(li, on) {
+  li.querySelectorAll("button, input").forEach((c) => { c.disabled = on; });
+  li.setAttribute("aria-busy", on ? "true" : "false");
+}
+
+// the item is done: keyboard users land on the next one (or the one before, or the list's help)
+function leave(li) {
+  const next = li.nextElementSibling || li.previousElementSibling;
+  li.remove();
+  pictures.delete(li.dataset.path);
+  if (next) next.focus();
+  else $("#queue-refresh").focus();
+}
+
+async function teachQueued(item, li, label) {
+  if (li.getAttribute("aria-busy") === "true") return;
+  busy(li, true);
+  $(".qi-error", li).textContent = "";
+  try {
+    const res = await api(`review/${encodeURIComponent(item.id)}/teach`, {
+      method: "POST", auth: true, body: JSON.stringify({ label }), json: true,
+    });
+    const taught = res.items[0];
+    leave(li);
+    $("#queue-msg").textContent = `Taught "${taught.label}"${res.new_class ? " (a new class)" : ""} from review ` +
+      `image #${item.id}: feedback #${taught.feedback_id}.`;
+    loadFeedback();
+    refreshMemory();
+  } catch (e) {
+    busy(li, false);
+    $(".qi-error", li).textContent = e.message;
+  }
+}
+
+async function dismissQueued(item, li) {
+  if (li.getAttribute("aria-busy") === "true") return;
+  busy(li, true);
+  $(".qi-error", li).textContent = "";
+  try {
+    await api(`review/${encodeURIComponent(item.id)}`, { method: "DELETE", auth: true });
+    leave(li);
+    $("#queue-msg").textContent = `Dismissed review image #${item.id}: deleted from the server.`;
+  } catch (e) {
+    busy(li, false);
+    $(".qi-error", li).textContent = e.message;
   }
 }
 
@@ -451,7 +594,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#memory-refresh").addEventListener("click", refreshMemory);
   $("#feedback-refresh").addEventListener("click", () => loadFeedback());
   $("#feedback-more").addEventListener("click", () => loadFeedback(true));
+  $("#queue-refresh").addEventListener("click", loadQueue);
   showModel();
   refreshMemory();
   loadFeedback();
+  loadQueue();
 });
