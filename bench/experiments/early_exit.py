@@ -13,7 +13,7 @@ For each trained model (same backbone, memory at `final`, `stage1`, `stage2`):
   vs the plain backbone + head over the same images (repeats interleaved, medians).
 
     .venv/bin/python -m bench.experiments.early_exit --dataset fashion-mnist \
-        --models runs/store/fashion-mnist-poolnet runs/store/fashion-mnist-stage1 runs/store/fashion-mnist-stage2
+        --models model_store/fashion-mnist runs/store/fashion-mnist-stage1 runs/store/fashion-mnist-stage2
 """
 
 from __future__ import annotations
