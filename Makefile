@@ -93,7 +93,7 @@ bench-perf: install data
 	bench/train_models.sh fashion-mnist-stage1 && bench/train_models.sh fashion-mnist-stage2
 	bench/train_models.sh cifar10-stage1 && bench/train_models.sh cifar10-stage2
 	$(PY) -m bench.experiments.early_exit --dataset fashion-mnist --models model_store/fashion-mnist runs/store/fashion-mnist-stage1 runs/store/fashion-mnist-stage2
-	$(PY) -m bench.experiments.early_exit --dataset cifar10 --models model_store/cifar10 runs/store/cifar10-stage1 runs/store/cifar10-stage2
+	$(PY) -m bench.experiments.early_exit --dataset cifar10 --models runs/store/cifar10-ab10 runs/store/cifar10-stage1 runs/store/cifar10-stage2
 
 # issue 11: the feedback store (throughput, replication lag, start-up), served accuracy
 bench-store: install data

@@ -206,6 +206,24 @@ def ood_table() -> str:
     return "\n".join(rows)
 
 
+def ood_near_table() -> str:
+    """"None of these", near: each 8-class model against its two held-out classes."""
+    r = load("ood-near")
+    if r is None:
+        return "not run"
+    names = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (JPEG copy)"}
+    rows = ["| model | held out (out-of-distribution) | score | AUROC validation / **test** (goal 0.90) | "
+            "test images abstaining: in / out | best candidate at test |", "|---|---|---|---|---|---|"]
+    for m, t in r["results"].items():
+        v, te, score = t["validation"], t["test"], t["service_score"]
+        best = max(te["auroc"], key=te["auroc"].get)
+        rows.append(f"| {names[m]} 8 classes (`{t['model']}`, version {t['model_version']}) | "
+                    f"{', '.join(t['held_out'])} ({te['n_out']} test images) | `{score}`, threshold "
+                    f"{t['threshold']:.1f} | {v['auroc'][score]:.4f} / **{te['auroc'][score]:.4f}** | "
+                    f"{pct(te['in_abstained'])} / {pct(te['out_abstained'])} | {best} {te['auroc'][best]:.4f} |")
+    return "\n".join(rows)
+
+
 def reliability_table() -> str:
     soak, crash, fuzz, svc = load("soak"), load("crash_recovery"), load("fuzz"), load("service_latency")
     rows = ["| check | figure | goal |", "|---|---|---|"]
@@ -545,22 +563,41 @@ def few_shot_test_table(ds: str) -> str:
     if r is None:
         return f"(few-shot-test-{ds} not run)"
     res = r["results"]
+    as_trained = ""
+    if "as_trained_settings" in res:
+        as_trained = (" as-trained: the settings the model's training chose on pseudo-new classes ("
+                      + ", ".join(f"{k} {res['as_trained_settings'][k]}" for k in res["service_settings"])
+                      + "), in-process.")
     rows = [f"Before feedback, old classes: {pct(res['before']['old_accuracy'])}. Service settings (chosen on "
-            f"validation at K = 10): {', '.join(f'{k} {v}' for k, v in res['service_settings'].items())}. "
-            f"{r['config']['draws']} draws per K: mean [min-max].", "",
+            f"validation at K = 10): {', '.join(f'{k} {v}' for k, v in res['service_settings'].items())}."
+            f"{as_trained} {r['config']['draws']} draws per K: mean [min-max].", "",
             "| K | method | new-class recall | old-class accuracy (change) | mean(old, new) | service ahead by |",
             "|---|---|---|---|---|---|"]
     for k in r["config"]["ks"]:
         ts = [t for t in res["table"] if t["k"] == k]
-        best_baseline = max(t["mean_old_new"] for t in ts if t["method"] != "service")
+        best_baseline = max(t["mean_old_new"] for t in ts if t["method"] not in ("service", "as-trained"))
         for t in ts:
-            me = t["method"] == "service"
+            me = t["method"] in ("service", "as-trained")
             b = "**" if me else ""
             ahead = f"{100 * (t['mean_old_new'] - best_baseline):+.1f} points" if me else ""
             rows.append(f"| {k} | {b}{t['method']}{b} | {pct(t['new_recall'])} [{pct(t['new_recall_min'])}-"
                         f"{pct(t['new_recall_max'])}] | {pct(t['old_accuracy'])} ({t['old_change_points']:+.1f}) | "
                         f"{b}{pct(t['mean_old_new'])}{b} [{pct(t['mean_old_new_min'])}-{pct(t['mean_old_new_max'])}] "
                         f"| {ahead} |")
+    return "\n".join(rows)
+
+
+def few_shot_latency_table() -> str:
+    r = load("few-shot-latency-fashion-mnist")
+    if r is None:
+        return "(few-shot-latency-fashion-mnist not run)"
+    rows = ["| | one image: p50 | p99 | 10 images: p50 | **p99** | 50 images: p50 | p99 |", "|---|---|---|---|---|---|---|"]
+    for variant, label in (("taught rows", "taught rows (the default)"), ("taught rows off", "taught rows off (`TAUGHT_ROWS=false`)")):
+        m = r["results"][variant]["summary"]
+        rows.append(f"| {label} | {m['one_image_p50_ms']:.0f} ms | {m['one_image_p99_ms']:.0f} ms | "
+                    f"{m['k10_p50_ms']:.0f} ms | **{m['k10_p99_ms']:.0f} ms** | {m['k50_p50_ms']:.0f} ms | "
+                    f"{m['k50_p99_ms']:.0f} ms |")
+    rows += ["", f"Measured {r['machine']['time']}."]
     return "\n".join(rows)
 
 
@@ -573,6 +610,17 @@ def few_shot_choose_table(ds: str) -> str:
     s = res["service"]
     rows.append(f"| service | 10 (used for every K) | {', '.join(f'{k} {v}' for k, v in s['chosen'].items())} | "
                 f"{pct(s['best']['mean_old_new'])} | {pct(s['best']['old_accuracy'])} | {pct(s['best']['new_recall'])} |")
+    plain = [t for t in s["table"] if t.get("taught_distance_weight") == 0.0 and t["old_drop"] <= s["max_old_drop"]]
+    if plain and s["chosen"].get("taught_distance_weight"):  # what the distance evidence adds
+        p = max(plain, key=lambda t: t["mean_old_new"])
+        rows.append(f"| service without distance evidence (taught_distance_weight 0, not chosen) | 10 | "
+                    f"{', '.join(f'{k} {p[k]}' for k in s['chosen'])} | {pct(p['mean_old_new'])} | "
+                    f"{pct(p['old_accuracy'])} | {pct(p['new_recall'])} |")
+    if "best_unconstrained" in s:  # the choice keeps the old classes within max_old_drop; the best at any cost beside it
+        u = s["best_unconstrained"]
+        rows.append(f"| service, best mean at any cost (not chosen) | 10 | "
+                    f"{', '.join(f'{k} {u[k]}' for k in s['chosen'])} | {pct(u['mean_old_new'])} | "
+                    f"{pct(u['old_accuracy'])} | {pct(u['new_recall'])} |")
     for name, per_k in res["baselines"].items():
         for k, b in per_k.items():
             rows.append(f"| {name} | {k} | {', '.join(f'{a} {v}' for a, v in b['chosen'].items())} | "
@@ -650,6 +698,8 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("served-accuracy", served_accuracy_table),
     ("ood", ood_table),
     ("shift-choose", shift_choose_table),
+    ("ood-near", ood_near_table),
+    ("few-shot-latency", few_shot_latency_table),
     *((f"few-shot-{ds}", lambda ds=ds: few_shot_test_table(ds)) for ds in ("fashion-mnist", "cifar10")),
     *((f"few-shot-choose-{ds}", lambda ds=ds: few_shot_choose_table(ds)) for ds in ("fashion-mnist", "cifar10")),
 ]

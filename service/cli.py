@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: 1024)")
     p_retrofit.add_argument("--seed", type=int, default=0,
                             help="with --engine: draws the calibration images and the memory's items (default: 0)")
+    p_retrofit.add_argument("--choose-online", action="store_true",
+                            help="choose the online-learning settings (taught_bias, taught_l2, new_class_threshold, "
+                                 "taught_distance_weight) on the validation split as training does, over their flags")
     add_flags(p_retrofit, dataclass_flags(RoutingPolicy, skip=CHOSEN_ON_VALIDATION, unset="keep"))
     p_retrofit.set_defaults(func=retrofit)
 
@@ -201,7 +204,8 @@ def retrofit(ns: argparse.Namespace) -> int:
         return retrofit_with_engine(ns, policy)
     try:
         shrink = ns.novelty_shrink if ns.novelty_shrink is not None else NOVELTY_SHRINK
-        d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy, novelty_shrink=shrink)
+        d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy, novelty_shrink=shrink,
+                           choose_online=ns.choose_online)
     except (ValueError, DatasetMissing, ModelStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -218,7 +222,7 @@ def retrofit_with_engine(ns: argparse.Namespace, policy: dict) -> int:
 
     try:
         report = retrofit_engine(ns.store, ns.name, ns.engine, ns.calibration, ns.seed, ns.data_dir, policy,
-                                 novelty_shrink=ns.novelty_shrink,
+                                 novelty_shrink=ns.novelty_shrink, choose_online=ns.choose_online,
                                  log=lambda line: print(line, flush=True))
     except EngineRefused as e:
         print(f"error: {e}", file=sys.stderr)

@@ -390,3 +390,40 @@ def test_a_consistent_read_gives_the_state_as_of_its_start_while_writes_go_on(ki
     for name, pieces in got.items():
         assert torch.equal(torch.cat(pieces) if before[name].dim() else pieces[0], before[name]), name
     assert not torch.equal(m.state_dict()["labels"], before["labels"])  # the writes did happen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teaching_a_batch_equals_teaching_its_examples_one_by_one(kind):
+    torch.manual_seed(3)
+    base = torch.randn(12, 3)
+    batch = torch.cat([torch.randn(5, 3), base[2:3], torch.randn(2, 3)])  # one repeats a stored item
+    batch = torch.cat([batch, batch[1:2]])  # and one repeats an earlier example of the batch
+    labels = torch.tensor([0, 1, 4, 4, 2, 0, 3, 4, 1])
+    a, b = make(kind, capacity=12, classes=6), make(kind, capacity=12, classes=6)
+    for m in (a, b):
+        m.update(base, torch.arange(12) % 3)
+    protected_a, protected_b = torch.zeros(12, dtype=torch.bool), torch.zeros(12, dtype=torch.bool)
+    rep = a.teach(batch, labels, protected=protected_a)
+    one = []
+    for i in range(len(batch)):
+        one.append(b.teach(batch[i:i + 1], labels[i:i + 1], protected=protected_b))
+        if one[-1].slot[0] >= 0:
+            protected_b[one[-1].slot[0]] = True  # what teach marks in its own copy as it goes
+    assert rep.action.tolist() == [int(r.action[0]) for r in one]
+    assert rep.slot.tolist() == [int(r.slot[0]) for r in one]
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
+
+
+def test_one_example_replaces_the_slot_the_batch_rule_would_give_it():
+    m = make("cached", capacity=10, classes=6)
+    m.update(torch.randn(10, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]))
+    x = torch.randn(2, 3)
+    sims = m.similarity(x)
+    available = torch.ones(10, dtype=torch.bool)
+    available[3] = False
+    for label in (0, 2, 5):  # 5: a class the memory does not hold (the least similar slot overall)
+        labels = torch.tensor([label, 1])
+        general = m._choose_replacements(sims, labels, torch.tensor([True, False]), available)[:1]  # the sorts
+        alone = m._choose_replacements(sims[:1], labels[:1], torch.tensor([True]), available)  # the fast path
+        assert alone.tolist() == general.tolist() and alone.item() != 3

@@ -173,4 +173,29 @@ def test_new_class_threshold_applies_only_to_classes_the_head_lacks(tiny_model):
     hidden = torch.randn(2, model.feature_dim)
     p = model.finish(r, hidden, RoutingPolicy(confidence_threshold=0.85, new_class_threshold=0.5))
     assert p.paths == ["memory", "network"] and p.labels[0] == 5
-    assert model.finish(r, hidden, RoutingPolicy(confidence_threshold=0.85)).paths == ["network", "network"]
+    unset = RoutingPolicy(confidence_threshold=0.85, new_class_threshold=None)  # the same threshold for all
+    assert model.finish(r, hidden, unset).paths == ["network", "network"]
+
+
+def test_taught_distance_weight_answers_a_new_class_where_the_image_is_nearer_its_taught_examples(tiny_model):
+    from service.core.taught import TaughtRows
+
+    model = tiny_model("cached", memory_classes=6)  # head: 4 classes; label 4 taught
+    D = model.feature_dim
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()  # every trained logit 0
+    model.taught.rows = TaughtRows(torch.zeros(1, D), torch.tensor([-1.0]), torch.tensor([4]))  # row logit -1
+    r = retrieval([0, 0], [0.0, 0.0])
+    r.class_scores = torch.zeros(2, 6)
+    inf = float("inf")
+    r.class_distance = torch.tensor([[10.0, 10, 10, 10, 2, inf],  # nearer the taught class by 8
+                                     [2.0, 10, 10, 10, 10, inf]])  # nearer a trained class by 8
+    hidden = torch.zeros(2, D)
+    plain = RoutingPolicy(taught_bias=0.0, taught_distance_weight=0.0)
+    assert model.finish(r, hidden, plain).labels[0] != 4  # -1 < 0: the trained rows answer
+    p = model.finish(r, hidden, plain.replace(taught_distance_weight=0.5))  # -1 + 0.5 x 8 = 3 > 0
+    assert p.labels.tolist()[0] == 4 and p.paths[0] == "memory"
+    assert p.labels[1] != 4  # -1 - 4 < 0
+    with pytest.raises(ValueError, match="--taught-distance-weight"):
+        RoutingPolicy(taught_distance_weight=-1.0)

@@ -7,7 +7,9 @@ choose (validation data only; the test set is not read): old classes = the 8-cla
   validation split (rebuilt from its manifest); new classes = 500 training images per held-out
   class, never drawn as shots. For every method, every setting of its grid, --draws draws of
   the shots: mean(old accuracy, new recall); the best setting is kept (per K for the
-  baselines, once at K=10 for the service: a server does not know K).
+  baselines, once at K=10 for the service: a server does not know K). The service's setting is
+  the best mean among those that cost the old classes at most MAX_OLD_DROP (the goals ask all
+  three at once); the best at any cost is recorded beside it.
     service       the served model in-process (core code: memory.teach, fit_taught, finish):
                   taught head rows + the memory's vote; grid over taught_bias, taught_l2 and
                   new_class_threshold
@@ -21,7 +23,9 @@ choose (validation data only; the test set is not read): old classes = the 8-cla
 test: the chosen settings, --draws fresh draws per K (other seeds than choose's). The service
   runs as a fresh server process per draw with the chosen settings as explicit overrides; the
   shots go through /feedback (one request per class), every test image through /predict. The
-  baselines run in-process on the same network's features.
+  baselines run in-process on the same network's features, and so does "as-trained": the
+  service's core calls with the online settings the model's own training chose on pseudo-new
+  classes (`train --choose-online`, or `retrofit --choose-online`; what a user gets).
 
     .venv/bin/python -m bench.experiments.few_shot choose --dataset fashion-mnist
     .venv/bin/python -m bench.experiments.few_shot test --dataset fashion-mnist --ks 1 10 50
@@ -41,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bench.experiments.online_learning import SETTINGS, Served, embed_all, predictions_after_teaching, scores
+from bench.experiments.online_learning import SETTINGS, Served, embed_all, scores
+from service.core.online_choice import MAX_OLD_DROP, predictions_after_teaching
 from bench.harness import ROOT, header, percentile, png, record_path, write_record
 from service.core.data import carve_validation, keep_classes, load_dataset, validation_of
 from service.core.routing import RoutingPolicy
@@ -49,9 +54,10 @@ from service.core.store import load_model
 
 NEW_VALIDATION = 500  # validation images per held-out class, never drawn as shots
 REPLAY = 20  # training images per old class the replay baselines keep
+AS_TRAINED = "as-trained"  # the service with the online settings in the model's manifest
 CHOOSE_SEED, TEST_SEED = 100, 0  # draws of the shots: choose and test never share one
-SERVICE_GRID = {"taught_bias": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0], "taught_l2": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-                "new_class_threshold": [None, 0.3, 0.5]}
+SERVICE_GRID = {"taught_bias": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0], "taught_l2": [1e-4, 1e-3, 1e-2],
+                "new_class_threshold": [None, 0.3, 0.5], "taught_distance_weight": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2]}
 LOGREG_GRID = {"old": ["means", "replay"], "features": ["raw", "unit"], "l2": [0.0, 1e-5, 1e-4, 1e-3, 1e-2]}
 FINETUNE_GRID = {"lr": [0.01, 0.03, 0.1], "steps": [50, 100, 200]}
 
@@ -225,11 +231,21 @@ def choose(args, d: dict) -> dict:
         picks = draw(d, 10, CHOOSE_SEED + s)
         for i, pred in enumerate(service_predictions(d, picks, x, policies)):
             per[i].append(old_new(pred, y, C))
+    old_before = old_new(predictions_after_teaching(d["model"], [], [x], [d["loaded"].policy])[0][0], y, C)[
+        "old_accuracy"]
     table = [{**{k: getattr(policies[i], k) for k in SERVICE_GRID}, **summary(rs)} for i, rs in per.items()]
-    best = max(table, key=lambda t: t["mean_old_new"])
-    print(f"service (K=10): chosen {json.dumps({k: best[k] for k in SERVICE_GRID})} mean(old,new) "
-          f"{best['mean_old_new']:.4f} (old {best['old_accuracy']:.4f}, new {best['new_recall']:.4f})", flush=True)
-    result["service"] = {"k": 10, "table": table, "chosen": {k: best[k] for k in SERVICE_GRID}, "best": best}
+    for t in table:
+        t["old_drop"] = old_before - t["old_accuracy"]
+    within = [t for t in table if t["old_drop"] <= MAX_OLD_DROP]
+    best = max(within or table, key=lambda t: t["mean_old_new"])  # all three goals: the old classes first
+    unconstrained = max(table, key=lambda t: t["mean_old_new"])
+    for tag, t in (("chosen (old classes within 1 point)", best), ("best mean(old,new) at any cost", unconstrained)):
+        print(f"service (K=10) {tag}: {json.dumps({k: t[k] for k in SERVICE_GRID})} mean(old,new) "
+              f"{t['mean_old_new']:.4f} (old {t['old_accuracy']:.4f}, {-100 * t['old_drop']:+.2f} points; new "
+              f"{t['new_recall']:.4f})", flush=True)
+    result["service"] = {"k": 10, "table": table, "chosen": {k: best[k] for k in SERVICE_GRID}, "best": best,
+                         "old_before": old_before, "max_old_drop": MAX_OLD_DROP, "met_max_old_drop": bool(within),
+                         "best_unconstrained": unconstrained}
     for k in args.ks if args.baselines else []:
         for name, (fn, settings) in BASELINES.items():
             rows = []
@@ -287,6 +303,12 @@ def test(args, d: dict) -> dict:
                 rows.append(r)
                 print(f"K={k} draw {seed} service: old {r['old_accuracy']:.4f} new {r['new_recall']:.4f} mean "
                       f"{r['mean_old_new']:.4f} (feedback {max(latency):.0f} ms)", flush=True)
+                # the settings the model's own training (or retrofit --choose-online) chose on pseudo-new
+                # classes, in-process (the runtime's core calls) on the same shots and test features
+                pred = service_predictions(d, picks, d["test_x"], [d["loaded"].policy])[0]
+                rows.append({"k": k, "seed": seed, "method": AS_TRAINED, **old_new(pred, d["test_y"], C)})
+                print(f"K={k} draw {seed} {AS_TRAINED}: old {rows[-1]['old_accuracy']:.4f} new "
+                      f"{rows[-1]['new_recall']:.4f} mean {rows[-1]['mean_old_new']:.4f}", flush=True)
                 sx, sy = shots_xy(d, picks)
                 for name, (fn, _) in BASELINES.items():
                     setting = chosen["baselines"][name][str(k)]["chosen"]
@@ -295,7 +317,7 @@ def test(args, d: dict) -> dict:
                     print(f"K={k} draw {seed} {name}: mean {rows[-1]['mean_old_new']:.4f}", flush=True)
     table = []
     for k in args.ks:
-        for method in ["service", *BASELINES]:
+        for method in ["service", AS_TRAINED, *BASELINES]:
             rs = [r for r in rows if r["k"] == k and r["method"] == method]
             table.append({"k": k, "method": method, **summary(rs),
                           "old_change_points": 100 * (statistics.mean(r["old_accuracy"] for r in rs)
@@ -304,7 +326,8 @@ def test(args, d: dict) -> dict:
         print(f"K={t['k']:>2} {t['method']:>10}: old {t['old_accuracy']:.4f} ({t['old_change_points']:+.2f}) new "
               f"{t['new_recall']:.4f} [{t['new_recall_min']:.3f}-{t['new_recall_max']:.3f}] mean "
               f"{t['mean_old_new']:.4f} [{t['mean_old_new_min']:.3f}-{t['mean_old_new_max']:.3f}]", flush=True)
-    return {"before": before, "service_settings": service, "rows": rows, "table": table}
+    return {"before": before, "service_settings": service, "as_trained_settings": d["loaded"].policy.to_dict(),
+            "rows": rows, "table": table}
 
 
 def latency(args, d: dict) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from bench.harness import CIFAR_ZIP, ROOT, Server, header, png, write_record
 from service.core.data import Dataset, carve_validation, load_dataset, normalize
-from service.core.routing import RoutingPolicy
+from service.core.online_choice import predictions_after_teaching
 from service.core.store import load_model
 
 SETTINGS = {  # dataset -> (data dir, 8-class model, held-out classes, 10-class model)
@@ -88,36 +88,6 @@ def embed_all(model, images: torch.Tensor, mean, std, batch: int = 500) -> torch
     """uint8 images -> (N, D) features, as the service embeds them."""
     return torch.cat([model.embed(normalize(images[i:i + batch], mean, std))[0].float()
                       for i in range(0, len(images), batch)])
-
-
-@torch.no_grad()
-def predictions_after_teaching(model, lessons: list[tuple[torch.Tensor, int]], xs: list[torch.Tensor],
-                               policies: list[RoutingPolicy]) -> list[list[torch.Tensor]]:
-    """In-process, the runtime's core calls: teach each lesson ((N, D) features, label: one
-    feedback request), fit the taught rows, then predict every `xs` (features) under each
-    policy. Returns [policy][x] labels; the memory is left as it was."""
-    memory = model.memory
-    saved = {k: v.clone() for k, v in memory.state_dict().items()}
-    try:
-        taught = torch.zeros(memory.capacity, dtype=torch.bool)
-        for feats, label in lessons:
-            rep = memory.teach(feats, torch.full((len(feats),), label), protected=taught.clone())
-            taught[rep.slot[rep.slot >= 0]] = True
-        # the memory's vote depends on neighbours and class balance only: read once for every policy
-        assert len({(p.neighbours, p.class_balance) for p in policies}) == 1
-        reads = [[(b, model.retrieve(b, policies[0])) for b in x.split(2000)] for x in xs]
-        out, fitted = [], {}
-        for policy in policies:
-            key = (policy.taught_l2, policy.taught_rows)
-            if key not in fitted:
-                model.fit_taught(model.taught_examples(taught.nonzero().squeeze(1), policy), policy)
-                fitted[key] = model.taught.rows
-            model.taught.rows = fitted[key]
-            out.append([torch.cat([model.finish(r, b, policy).labels for b, r in chunks]) for chunks in reads])
-        return out
-    finally:
-        memory.load_state_dict(saved)
-        model.fit_taught(model.taught_examples(torch.zeros(0, dtype=torch.int64)))
 
 
 ROTATE = {"rot90": lambda x: torch.rot90(x, 1, (2, 3)), "invert": lambda x: 255 - x}

@@ -26,9 +26,16 @@ test: the chosen score and threshold on the test sets: in-distribution test imag
   set's TEST images; AUROC of every candidate reported (the chosen one marked), and the share
   of each side over the threshold.
 
+near: each 8-class model (bench/train_models.sh fashion-mnist-8, cifar10-8) against the two
+  classes it never saw: its own validation split (in) vs the held-out classes' training images,
+  then its test images of the 8 classes vs the held-out classes' test images; every candidate's
+  AUROC, the service's score (maha at the model's own shrink, threshold from its training)
+  marked, with the share of each side that abstains.
+
     .venv/bin/python -m bench.experiments.ood choose
     .venv/bin/python -m bench.experiments.ood test
-Records: bench/results/ood-choose.json, bench/results/ood-test.json.
+    .venv/bin/python -m bench.experiments.ood near
+Records: bench/results/ood-choose.json, bench/results/ood-test.json, bench/results/ood-near.json.
 """
 
 from __future__ import annotations
@@ -171,14 +178,56 @@ def test(args) -> dict:
     return results
 
 
+NEAR = {"fashion-mnist": ("fashion-mnist-8", ["Sneaker", "Bag"]), "cifar10": ("cifar10-8", ["truck", "ship"])}
+
+
+def near(args) -> dict:
+    results = {}
+    for m in args.models:
+        model_name, held_out = NEAR[m]
+        name, data_dir = MODELS[m]
+        loaded = load_model(ROOT / "runs/store", model_name)
+        model, spec = loaded.model.eval(), loaded.input
+        ds = load_dataset(name, data_dir)
+        unseen = torch.tensor([ds.classes.index(c) for c in held_out])
+        service = f"maha-{float(model.novelty.shrink):g}"
+        threshold = loaded.policy.ood_threshold
+        torch.set_num_threads(2)
+        per_split = {}
+        for split in ("validation", "test"):
+            inside = validation_of(ds, loaded.manifest["data"]) if split == "validation" else ds.test
+            x_in = inside.images[~torch.isin(inside.labels, unseen)] if split == "test" else inside.images
+            pool = ds.train if split == "validation" else ds.test
+            x_out = pool.images[torch.isin(pool.labels, unseen)]
+            if split == "validation":
+                x_out = x_out[pick(args.n_out, len(x_out), 2)]
+            s_in = raw_scores(model, normalize(x_in, spec.mean, spec.std))
+            s_out = raw_scores(model, normalize(x_out, spec.mean, spec.std))
+            if service not in s_in:  # the model's own shrink is not among SHRINKS: score it as served
+                s_in[service] = model.novelty.score(model.memory, torch.cat(
+                    [model.embed(normalize(x_in[i:i + 500], spec.mean, spec.std))[0] for i in range(0, len(x_in), 500)]))
+                s_out[service] = model.novelty.score(model.memory, torch.cat(
+                    [model.embed(normalize(x_out[i:i + 500], spec.mean, spec.std))[0] for i in range(0, len(x_out), 500)]))
+            table = {k: auroc(s_in[k], s_out[k]) for k in s_in}
+            per_split[split] = {"auroc": table, "n_in": len(x_in), "n_out": len(x_out),
+                                "in_abstained": float((s_in[service] > threshold).float().mean()),
+                                "out_abstained": float((s_out[service] > threshold).float().mean())}
+            print(m, split, service, f"AUROC {table[service]:.4f}",
+                  {k: round(v, 4) for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:5]}, flush=True)
+        results[m] = {"model": model_name, "model_version": loaded.version, "held_out": held_out, "service_score": service,
+                      "threshold": threshold, **per_split,
+                      "out_of_distribution": f"{held_out} (validation: training images; test: test images)"}
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("experiment", choices=["choose", "test"])
+    ap.add_argument("experiment", choices=["choose", "test", "near"])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--n-out", type=int, default=2000, help="out-of-distribution images per model")
     args = ap.parse_args()
     machine = header(vars(args))
-    results = (choose if args.experiment == "choose" else test)(args)
+    results = {"choose": choose, "test": test, "near": near}[args.experiment](args)
     write_record(f"ood-{args.experiment}", vars(args), results, machine)
 
 

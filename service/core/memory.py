@@ -81,6 +81,7 @@ class Retrieval:
     similarity: torch.Tensor  # (B, k) cosine similarity of those slots (-inf where EMPTY)
     class_scores: torch.Tensor  # (B, C) the neighbours' vote
     ood_score: torch.Tensor | None = None  # (B,) how unlike everything known (core/novelty.py); None: not scored
+    class_distance: torch.Tensor | None = None  # (B, C) Mahalanobis distance to each class's mean (novelty.py)
 
 
 @dataclass
@@ -190,6 +191,12 @@ class Memory(nn.Module):
             sims = sims * self.keys.norm(dim=-1).clamp_min(1e-12).reciprocal()
         # masked even when full (a no-op then): asking `size` would wait for the device
         return sims.masked_fill(~self.filled(), float("-inf"))
+
+    def similarity_to(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`similarity` restricted to these (filled) slots: (B, S)."""
+        keys = self.keys[slots]  # (S, D)
+        sims = F.normalize(features, dim=-1) @ keys.T  # (B, S)
+        return sims if self.keys_are_unit else sims / keys.norm(dim=-1).clamp_min(1e-12)
 
     # --- retrieval -------------------------------------------------------------------------
     def search(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,10 +423,17 @@ class Memory(nn.Module):
         previous = torch.full((B,), EMPTY, dtype=torch.int64, device=dev)
         one = torch.ones(1, dtype=torch.bool, device=dev)
         # a feedback request carries a handful of images: a loop keeps each one seeing the
-        # writes of those before it
+        # writes of those before it. The memory is read once for all of them (one matrix
+        # product); each example then sees the slots written before it, recomputed.
+        all_sims = self.similarity(features)  # (B, M) the memory as it was
+        written: list[int] = []
         for i in range(B):
             f, y = features[i:i + 1], labels[i:i + 1]
-            sims = self.similarity(f)  # (1, M)
+            sims = all_sims[i:i + 1]  # (1, M)
+            if written:  # those slots now hold this request's earlier examples
+                cols = torch.tensor(written, device=dev)
+                sims = sims.clone()
+                sims[:, cols] = self.similarity_to(f, cols)
             best_sim, best = sims.max(-1)
             if bool(torch.isfinite(best_sim)) and float(best_sim) >= EXACT_MATCH:
                 if int(self.labels[best]) == int(y):
@@ -436,6 +450,7 @@ class Memory(nn.Module):
             action[i] = ADDED if int(previous[i]) == EMPTY else REPLACED
             slot[i] = target
             self._commit(slot[i:i + 1], f, y, one, action[i:i + 1] == REPLACED)
+            written.append(target)
         return UpdateReport(action, slot, previous)
 
 
@@ -475,6 +490,8 @@ class CachedMemory(Memory):
         return {"keys": keys}
 
     def _choose_replacements(self, sims, labels, wants, available) -> torch.Tensor:
+        if sims.shape[0] == 1:  # one example (feedback): the same rule without the sorts below
+            return self._replace_for_one(sims[0], labels[0], wants, available)
         M, C, inf = self.capacity, self.config.num_classes, float("inf")
         # own class: each slot's lowest similarity to the wanting examples of its class
         own = (self.labels.unsqueeze(0) == labels.unsqueeze(1)) & available & wants.unsqueeze(1)  # (N, M)
@@ -496,6 +513,20 @@ class CachedMemory(Memory):
         score = torch.where(rest.unsqueeze(1) & free, sims, inf).amin(0)  # (M,)
         fallback = _take_in_order(torch.argsort(score, stable=True), torch.isfinite(score), rest)
         return torch.where(placed, chosen, fallback)
+
+
+    def _replace_for_one(self, sims: torch.Tensor, label: torch.Tensor, wants: torch.Tensor,
+                         available: torch.Tensor) -> torch.Tensor:
+        """(M,) sims of one example: the available slot of its class least similar to it, else
+        the available slot least similar to it overall (the first among equals, as the sorts
+        give); (1,) slot, EMPTY when it wants none or none is available."""
+        inf = float("inf")
+        own = available & (self.labels == label)  # (M,)
+        pool = own if bool(own.any()) else available
+        scored = torch.where(pool, sims, inf)  # (M,)
+        slot = scored.argmin().view(1)  # the first minimum
+        ok = wants & pool.any()
+        return torch.where(ok, slot, EMPTY)
 
 
 class TrainableMemory(Memory):

@@ -259,7 +259,8 @@ class EnhancedClassifier(nn.Module):
         if self.memory is not None and self.memory.size > 0:
             r = self.memory.retrieve(keys, policy.neighbours, policy.class_balance)
             if self.novelty is not None and self.novelty.calibrated:
-                r.ood_score = self.novelty.score(self.memory, keys)
+                r.class_distance = self.novelty.distances(self.memory, keys)  # (B, C)
+                r.ood_score = r.class_distance.min(1).values
             return r
         return Retrieval(labels=torch.full((B,), EMPTY, device=dev), confidence=torch.zeros(B, device=dev),
                          slots=torch.full((B, 1), EMPTY, device=dev),
@@ -313,8 +314,16 @@ class EnhancedClassifier(nn.Module):
         rows = self.taught.rows if policy.taught_rows and self.taught is not None else None  # read once
         if rows is not None and rows.labels.numel():  # exit final: `hidden` are the head's input features
             rows = _rows_on(rows, dev)
-            bias = torch.where(rows.labels >= H, policy.taught_bias, policy.correction_bias)  # (T,)
-            logits = torch.cat([self.head(hidden).float(), rows.logits(hidden) + bias], 1)  # (B, H + T)
+            new = rows.labels >= H  # (T,) rows of classes the head lacks
+            bias = torch.where(new, policy.taught_bias, policy.correction_bias)  # (T,)
+            row_logits = rows.logits(hidden) + bias  # (B, T)
+            if policy.taught_distance_weight and r.class_distance is not None:
+                # local evidence for a new class: nearer its taught examples than any trained class
+                d = r.class_distance  # (B, C)
+                evidence = d[:, :H].min(1, keepdim=True).values - d[:, rows.labels]  # (B, T)
+                evidence = torch.nan_to_num(evidence, nan=0.0, posinf=0.0, neginf=0.0)
+                row_logits = row_logits + policy.taught_distance_weight * evidence * new
+            logits = torch.cat([self.head(hidden).float(), row_logits], 1)  # (B, H + T)
             # a taught row outscores every trained row; an exact match in memory still decides
             # (a taught image asked again is answered by its own item, confidence 1)
             exact = used_memory & (r.similarity[:, 0] >= EXACT_MATCH)  # (B,)

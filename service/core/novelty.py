@@ -14,7 +14,9 @@ variance (`shrink`, chosen on the validation split: bench/experiments/ood.py). T
 follow the memory: every write to it updates per-class sums of its keys, so a class taught by
 feedback gets a mean of its own and its images stop looking new. `abstained` = ood_score above
 the routing policy's `ood_threshold` (chosen so that at most 5% of the validation images
-abstain).
+abstain). The distances to every class also weigh taught classes' answers (model.finish,
+the policy's `taught_distance_weight`): a new class answers more readily where the image is
+nearer its taught examples than any trained class.
 
 Derived state (sums, counts) is rebuilt from the memory when attached; the precision and the
 shrink are buffers, saved with the model.
@@ -112,6 +114,12 @@ class Novelty(nn.Module):
     @torch.no_grad()
     def score(self, memory: Memory, keys: torch.Tensor) -> torch.Tensor:
         """(B, D) keys -> (B,) ood_score, on the keys' device. Call under the memory's lock."""
+        return self.distances(memory, keys).min(1).values
+
+    @torch.no_grad()
+    def distances(self, memory: Memory, keys: torch.Tensor) -> torch.Tensor:
+        """(B, D) keys -> (B, C) squared Mahalanobis distance to every class mean, inf for a
+        class the memory does not hold; on the keys' device. Call under the memory's lock."""
         if self._memory is not memory:
             self.attach(memory)
         self._flush(memory)
@@ -125,4 +133,4 @@ class Novelty(nn.Module):
         q = F.normalize(keys.float(), dim=-1)  # (B, D)
         qpq = ((q @ self.precision) * q).sum(1, keepdim=True)  # (B, 1)
         d = qpq - 2 * q @ pm.T + mpm  # (B, C)
-        return d.masked_fill(~held, float("inf")).min(1).values
+        return d.masked_fill(~held, float("inf"))

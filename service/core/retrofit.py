@@ -26,6 +26,7 @@ from .data import Dataset, Split, carve_validation, keep_classes, load_dataset, 
     subset, validation_of
 from .evaluation import EvalResult, choose_threshold, collect_predictions, evaluate, threshold_sweep
 from .model import ClassifierConfig, EnhancedClassifier
+from .online_choice import choose_on_images
 from .store import EAGER, EngineVariant, ENGINE_STATE_PREFIXES, is_engine_file, is_index, load_model, model_dir, \
     save_model
 from .train_config import TrainConfig
@@ -80,11 +81,12 @@ def calibrate_novelty(model: EnhancedClassifier, validation: torch.Tensor, mean,
 
 def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None,
                    policy: dict | None = None, ds: Dataset | None = None,
-                   novelty_shrink: float = NOVELTY_SHRINK) -> Path:
+                   novelty_shrink: float = NOVELTY_SHRINK, choose_online: bool = False) -> Path:
     """Give a model trained before training kept them its replay features (the same seeded
     pick from the same training split, rebuilt from the manifest) and, where given, the
-    taught-row policy settings (None values: keep); saved as a new version, its reports and
-    other settings kept. Returns the model's folder."""
+    taught-row policy settings (None values: keep); with `choose_online` the online-learning
+    settings chosen on its validation split as training chooses them (over the flags); saved
+    as a new version, its reports and other settings kept. Returns the model's folder."""
     loaded = load_model(store, name)
     record, manifest = loaded.manifest.get("data") or {}, loaded.manifest
     if "validation_size" not in record or "dataset" not in record:
@@ -105,6 +107,10 @@ def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None
     fill_replay(model, train.images, train.labels, loaded.input.mean, loaded.input.std, record["validation_seed"])
     threshold = calibrate_novelty(model, val.images, loaded.input.mean, loaded.input.std, novelty_shrink)
     model.policy = model.policy.replace(ood_threshold=threshold)
+    if choose_online:  # as training does (online_choice.py)
+        model.policy, found = choose_on_images(model, val.images, val.labels, loaded.input.mean, loaded.input.std,
+                                               model.policy, record["validation_seed"])
+        print(f"online learning: {found.get('chosen')} chosen on {found['chosen_on']}")
     if manifest.get("engine"):  # its keys and replay were made from the memory this replaces
         print(f"note: the {manifest['engine']['name']} engine is dropped (its keys belong to the previous memory); "
               f"make it again with `python -m service retrofit --name {name} --engine {manifest['engine']['name']}`")
@@ -172,7 +178,8 @@ def _time_backbone(backbone, x: torch.Tensor, seconds: float) -> float:
 
 def retrofit_engine(store, name: str, engine: str, calibration: int = CALIBRATION_IMAGES, seed: int = 0,
                     data_dir: str | None = None, policy: dict | None = None, ds: Dataset | None = None,
-                    novelty_shrink: float | None = None, speed_seconds: float = 1.0, log=print) -> EngineReport:
+                    novelty_shrink: float | None = None, speed_seconds: float = 1.0, log=print,
+                    choose_online: bool = False) -> EngineReport:
     """Give stored model `name` the CPU inference engine `engine` (core/engine.py), saved as a
     new version only when it passes the gate; EngineRefused (nothing written) otherwise.
 
@@ -183,6 +190,8 @@ def retrofit_engine(store, name: str, engine: str, calibration: int = CALIBRATIO
        training images as it holds (seeded, class-stratified, the same images for both), the
        replay features, the novelty Gaussians and abstain threshold, and the routing
        confidence threshold (the sweep's choice on the validation split) made again from them;
+       with `choose_online`, first the online-learning settings (online_choice.py, on the
+       eager variant: the engine serves with the same);
     3. the gate: the engine's routed accuracy on the validation split at most GATE_MAX_DROP
        points below the eager model as shipped;
     4. saved: the eager variant as the model's weights and memory, the engine's files and its
@@ -243,6 +252,10 @@ def retrofit_engine(store, name: str, engine: str, calibration: int = CALIBRATIO
         shrink = novelty_shrink if novelty_shrink is not None else (
             float(model.novelty.shrink) if model.novelty is not None and model.novelty.calibrated else NOVELTY_SHRINK)
         ood = calibrate_novelty(model, val.images, mean, std, shrink)
+        if choose_online and variant == EAGER:  # the online settings: one choice, on the eager network's keys
+            base_policy, online = choose_on_images(model, val.images, val.labels, mean, std, base_policy,
+                                                   record["validation_seed"])
+            log(f"online learning: {online.get('chosen')} chosen on {online['chosen_on']}")
         preds = collect_predictions(model, val.images, mean, std, base_policy)
         sweep = threshold_sweep(preds, val.labels, base_policy, H)
         chosen = base_policy.replace(confidence_threshold=choose_threshold(sweep), ood_threshold=ood)

@@ -12,9 +12,10 @@ a setting overrides it explicitly (shown in `/memory` and the `model_info` metri
 
 Before that rule, taught head rows (service/core/taught.py; `taught_rows`): where a row
 fitted on the taught examples outscores every trained row of the head (its logit plus
-`taught_bias` for a class the head lacks, `correction_bias` for one it has), its label
-answers, on the memory path; only an exact match in memory (the taught image itself)
-comes first.
+`taught_bias` for a class the head lacks, `correction_bias` for one it has; a new class's row
+also plus `taught_distance_weight` x how much nearer, in Mahalanobis distance, the image is to
+that class's taught examples than to any trained class), its label answers, on the memory
+path; only an exact match in memory (the taught image itself) comes first.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ EMPTY = -1  # label of an empty memory answer (and of a free memory slot)
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    # defaults of the taught rows' settings: those chosen on Fashion-MNIST's validation data
-    # (bench/few_shot.py choose, bench/online_learning.py shift-choose; BENCHMARKS.md)
+    # defaults: those chosen on Fashion-MNIST's validation data: class_balance by
+    # bench/online_learning.py policy-grid; new_class_threshold and the taught rows' by
+    # bench/experiments/few_shot.py choose (two classes the model never saw); correction_bias by
+    # shift-choose (BENCHMARKS.md). Training chooses the online-learning ones again for its own
+    # model (--choose-online, core/online_choice.py) and the threshold (--choose-threshold).
     confidence_threshold: float = 0.85
     """Memory path when the memory's confidence reaches this."""
     new_class_threshold: float | None = None
     """Confidence enough when the memory answers a class the head lacks (taught by feedback); unset = the same."""
-    class_balance: float = 0.0
+    class_balance: float = 0.5
     """Each neighbour's vote x (mean items per held class / items of its class) ** this (0 = plain vote)."""
     neighbours: int = 5
     """Memory items that vote on each answer."""
@@ -45,8 +49,10 @@ class RoutingPolicy:
     """Added to the logits of taught rows for classes the head lacks: higher answers them more often."""
     correction_bias: float = -1.5
     """Added to the logits of taught rows for classes the head has (corrections, e.g. under a shift)."""
-    taught_l2: float = 1e-4
+    taught_l2: float = 1e-2
     """L2 penalty on the taught rows' weights when they are fitted."""
+    taught_distance_weight: float = 0.01
+    """Weight of local evidence in a new class's taught row: + this x (Mahalanobis distance to the nearest trained class - to the taught class)."""
     ood_threshold: float | None = None
     """Abstain ("none of these", path abstain, the best guess still in label) when ood_score exceeds this; unset = never."""
 
@@ -59,6 +65,8 @@ class RoutingPolicy:
             raise ValueError(f"--class-balance must be >= 0, got {self.class_balance}")
         if self.neighbours < 1:
             raise ValueError(f"--neighbours must be >= 1, got {self.neighbours}")
+        if self.taught_distance_weight < 0:
+            raise ValueError(f"--taught-distance-weight must be >= 0, got {self.taught_distance_weight}")
         if self.taught_l2 < 0:
             raise ValueError(f"--taught-l2 must be >= 0, got {self.taught_l2}")
 

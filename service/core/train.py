@@ -9,6 +9,8 @@
               write_checkpoint         with --checkpoint-dir, the state at each epoch's end
     tta       choose_tta               flip test-time augmentation, kept if it pays on the validation split
     threshold choose_routing_threshold the confidence threshold, chosen on the validation split
+    online    choose_online            how feedback teaches new classes, chosen on pseudo-new classes of
+                                       the validation split (online_choice.py)
     test      evaluate_on_test         once, at the end, with the chosen policy: it only reports
     save      training_report, save_trained
 
@@ -42,6 +44,7 @@ from .data import (Dataset, Split, augment, carve_validation, fold_in, keep_clas
 from .evaluation import (SWEEP_THRESHOLDS, EvalResult, choose_threshold, collect_predictions, evaluate,
                          evaluate_inference_speed, threshold_sweep)
 from .model import ClassifierConfig, EnhancedClassifier
+from .online_choice import choose_on_images
 from .optimisation import Lookahead, make_optimizer, set_epoch, start_recipe, train_step
 from .retrofit import calibrate_novelty, fill_replay
 from .routing import RoutingPolicy
@@ -113,8 +116,9 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
     # "none of these": the ood_score's Gaussians on the memory, the abstain threshold on validation
     model.policy = policy = policy.replace(ood_threshold=calibrate_novelty(
         model, data.validation.images, data.mean, data.std, tc.novelty_shrink))
+    model.policy = policy = choose_online(run, model, policy, online := {})
     speed = evaluate_inference_speed(model, data.test.images, data.mean, data.std) if run.main else {}
-    report = training_report(run, model, progress, sweep, test, speed) | {"tta_choice": tta}
+    report = training_report(run, model, progress, sweep, test, speed) | {"tta_choice": tta, "online_choice": online}
     run.say("inference speed:", json.dumps(speed), flush=True)
     saved = save_trained(run, model, report) if save and run.main else None
     if comm is not None:
@@ -408,6 +412,22 @@ def choose_routing_threshold(run: Run, model: EnhancedClassifier, policy: Routin
     run.say(f"confidence threshold {policy.confidence_threshold} chosen on the validation split "
             f"({len(run.data.validation.labels)} images)", flush=True)
     return sweep, policy
+
+
+def choose_online(run: Run, model: EnhancedClassifier, policy: RoutingPolicy, report: dict) -> RoutingPolicy:
+    """With --choose-online: the online-learning settings chosen on pseudo-new classes of the
+    validation split (online_choice.py); `report` gets what was tried."""
+    if not run.tc.choose_online:
+        report.update(chosen_on="given (--no-choose-online)")
+        return policy
+    val = run.data.validation
+    chosen, found = choose_on_images(model, val.images, val.labels, run.data.mean, run.data.std, policy, run.tc.seed)
+    report.update(found)
+    if "table" in found:
+        run.say(f"online learning: {json.dumps(found['chosen'])} chosen on the validation split (pseudo-new classes: "
+                f"old classes {-100 * found['old_drop']:+.2f} points, mean(old, new) {found['mean_old_new']:.4f}, "
+                f"{found['seconds']:.0f} s)", flush=True)
+    return chosen
 
 
 def evaluate_on_test(run: Run, model: EnhancedClassifier) -> EvalResult:

@@ -62,6 +62,8 @@ class TrainConfig:
     """Choose --confidence-threshold on the validation split (most accurate of the sweep); off: keep the flag."""
     choose_tta: bool = True
     """Try --tta flip on the validation split; keep it only if it adds >= TTA_MIN_GAIN points (it doubles the network's cost). Off: keep --tta."""
+    choose_online: bool = True
+    """Choose how feedback teaches new classes (the routing policy's taught_bias, taught_l2, new_class_threshold) on the validation split (core/online_choice.py); off: keep the flags."""
     novelty_shrink: float = 0.01
     """Covariance shrinkage of the ood_score's Gaussians (bench/experiments/ood.py chose it on validation data)."""
     limit_train: int | None = None

@@ -53,6 +53,8 @@ class ServiceConfig(BaseSettings):
     correction_bias: float | None = Field(None, description="override the bias added to the logits of taught rows "
                                           "for classes the head has")
     taught_l2: float | None = Field(None, ge=0, description="override the L2 penalty of the taught rows' fit")
+    taught_distance_weight: float | None = Field(None, ge=0, description="override the weight of a new class's "
+                                                 "local evidence (Mahalanobis distances) in its taught row")
     ood_threshold: float | None = Field(None, description="override the ood_score over which an answer abstains "
                                         "(\"none of these\"; the model's is chosen on its validation split)")
     # the defaults bound what one anonymous request can cost; the model sees 28x28 or 32x32
