@@ -15,7 +15,7 @@ learners):
         those whose old classes lose at most MAX_OLD_DROP; the best mean if none does
 
 The network has seen the pseudo-new classes in training, so their recall here is higher than a
-truly new class's (BENCHMARKS.md "Teaching new classes" measures the chosen settings on
+truly new class's (BENCHMARKS.md "Few examples teach a new class" measures the chosen settings on
 classes a model never saw). Everything runs on validation features computed once.
 
 `predictions_after_teaching` is also what the few-shot and online-learning benchmarks call.
