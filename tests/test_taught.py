@@ -184,3 +184,31 @@ def test_a_request_waits_for_a_bounded_fit_and_the_fitter_finishes_it_to_the_min
         assert (rt.model.taught.rows.weight - whole.rows.weight).abs().max() <= scale
     finally:
         rt.close()
+
+
+def test_the_rest_of_a_fit_waits_until_the_memory_settled_unless_someone_waits_for_convergence(tmp_path, monkeypatch):
+    import time
+
+    from service.serving import fitter
+    from service.serving.runtime import ModelRuntime
+    from tests.helpers import save_tiny_model
+    from tests.test_runtime import teach
+
+    monkeypatch.setattr(fitter, "STEP_ITERATIONS", 2)
+    monkeypatch.setattr(fitter, "SETTLE_SECONDS", 1.5)
+    save_tiny_model(tmp_path / "store", replay_per_class=3)
+    rt = ModelRuntime(tmp_path / "store", "tiny", tmp_path / "var")
+    try:
+        teach(rt, [1, 2, 3], "Novel")  # the request waited for 2 iterations: not the minimum
+        changed_at = rt.fitter._last_change
+        assert rt.model.taught.rows.labels.numel() == 1 and not rt.fitter._converged
+        while not rt.fitter._converged:  # nobody asks for convergence: the thread settles first
+            time.sleep(0.05)
+        assert time.monotonic() - changed_at >= 1.5
+        monkeypatch.setattr(fitter, "SETTLE_SECONDS", 120.0)
+        teach(rt, [4, 5], "Novel")
+        started = time.monotonic()
+        rt.fitter.wait_converged()  # asked for: no settling
+        assert rt.fitter._converged and time.monotonic() - started < 120.0
+    finally:
+        rt.close()

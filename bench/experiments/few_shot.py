@@ -332,7 +332,8 @@ def test(args, d: dict) -> dict:
 
 def latency(args, d: dict) -> dict:
     """/feedback latency as a label grows to 50 examples: one image per request (each refits
-    the taught rows on everything taught so far), then requests of K images at once. Servers
+    the taught rows on everything taught so far), then --latency-requests requests of K images
+    at once per label, alternating between the two labels. Servers
     with serve's default settings (one process per core); the first request of each server
     (start-up warm-up) is counted like the others. The same with the taught rows off shows
     what the fit adds."""
@@ -356,7 +357,7 @@ def latency(args, d: dict) -> dict:
             for k in (10, 50):
                 s = Served(args.store, model_name, Path(tmp) / f"k{k}", workers=None, **env)
                 ms = []
-                for r in range(args.draws):
+                for r in range(args.latency_requests):
                     for j, c in enumerate(held_out):
                         idx = d["pool_idx"][j][50 + r * k:50 + (r + 1) * k]
                         t = time.perf_counter()
@@ -379,6 +380,8 @@ def main() -> None:
     ap.add_argument("--dataset", choices=sorted(SETTINGS), default="fashion-mnist")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 10, 50])
     ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--latency-requests", type=int, default=50,
+                    help="latency: requests of K images per held-out class (K = 10, 50), for a p99 of 100 requests")
     ap.add_argument("--model", default=None, help="the 8-class model's name in --store (default: the data set's)")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--no-baselines", dest="baselines", action="store_false", help="choose: the service's grid only")

@@ -90,18 +90,24 @@ class TaughtHead(nn.Module):
         weight = (1.0 / torch.bincount(target, minlength=C + T).double().clamp_min(1))[target]
         weight = weight / weight.sum()  # every trained class and every row weighs the same
         trained = x @ head.weight.detach().cpu().double().T + head.bias.detach().cpu().double()  # (N, C), fixed
+        # the trained logits never change during the fit: their log-sum-exp and each example's
+        # own trained logit are computed once, and each step works on the (N, T) taught logits alone
+        trained_lse = torch.logsumexp(trained, 1)  # (N,)
+        is_taught = target >= C  # (N,)
+        own_trained = trained.gather(1, target.clamp_max(C - 1).unsqueeze(1)).squeeze(1)  # (N,) unused where taught
         own = torch.zeros(len(x), T, dtype=torch.float64)  # (N, T) one-hot of each example's own row
-        taught_ex = (target >= C).nonzero().squeeze(1)
+        taught_ex = is_taught.nonzero().squeeze(1)
         own[taught_ex, target[taught_ex] - C] = 1.0
         decay = torch.ones(T, D + 1, dtype=torch.float64)
         decay[:, D] = 0.0  # the bias is not penalised
-        picked = target.unsqueeze(1)
 
         def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             V = torch.from_numpy(theta).view(T, D + 1)
-            log_p = torch.log_softmax(torch.cat([trained, xb @ V.T], 1), 1)  # (N, C + T)
-            loss = -(weight * log_p.gather(1, picked).squeeze(1)).sum() + l2 * (decay * V * V).sum()
-            g = (log_p[:, C:].exp() - own) * weight.unsqueeze(1)  # (N, T): d loss / d taught logits
+            z = xb @ V.T  # (N, T) taught logits
+            lse = torch.logaddexp(trained_lse, torch.logsumexp(z, 1))  # (N,) over [trained, taught]
+            own_logit = torch.where(is_taught, (z * own).sum(1), own_trained)  # (N,)
+            loss = (weight * (lse - own_logit)).sum() + l2 * (decay * V * V).sum()
+            g = (torch.exp(z - lse.unsqueeze(1)) - own) * weight.unsqueeze(1)  # (N, T): d loss / d taught logits
             return float(loss), (g.T @ xb + 2 * l2 * decay * V).numpy().ravel()
 
         start = self._start(row_labels, D) if warm else torch.zeros(T, D + 1, dtype=torch.float64)  # (T, D + 1)
