@@ -2,7 +2,9 @@
 cached memory and a full 10,000-item trainable memory, repeats interleaved so that machine
 noise hits every variant alike. Reports median step time and the ratio to no memory.
 
-    .venv/bin/python -m bench.perf.train_step_overhead [--backbone small_resnet_wide] [--repeats 30]
+    .venv/bin/python -m bench.perf.train_step_overhead [--backbone poolnet] [--batch-size 1024] [--repeats 20]
+
+Defaults: the shipped models' backbone and the airbench recipe's batch (service/core/recipes.py).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from service.core.train import TrainConfig, make_optimizer, train_step
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backbone", default="small_resnet_wide")
+    ap.add_argument("--backbone", default="poolnet")
     ap.add_argument("--memory-size", type=int, default=10000)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--channels", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     config = vars(args) | {"precision": "bf16" if TrainConfig().use_bf16() else "fp32"}
     m = header(config)
