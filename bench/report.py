@@ -506,39 +506,6 @@ def retrieval_table() -> str:
     return "\n".join(rows)
 
 
-def online_table(ds: str) -> str:
-    r = load(f"online-new-classes-{ds}")
-    if r is None:
-        return f"(online-new-classes-{ds} not run)"
-    rows = ["| K per new class | method | new-class recall | old-class accuracy | overall | mean(old, new) "
-            "| memory-path share |", "|---|---|---|---|---|---|---|"]
-    for x in r["results"]["table"]:
-        rng = (f" ({pct(x['new_recall_min'])}-{pct(x['new_recall_max'])})" if x["seeds"] > 1 else "")
-        share = pct(x["memory_share"]) if "memory_share" in x else "-"
-        name = f"**{x['method']}**" if x["method"].startswith("memory") else x["method"]
-        rows.append(f"| {x['k']} | {name} | {pct(x['new_recall'])}{rng} | {pct(x['old_accuracy'])} | "
-                    f"{pct(x['accuracy'])} | {pct(x['mean_old_new'])} | {share} |")
-    return "\n".join(rows)
-
-
-def online_ablation_table() -> str:
-    rows = ["| policy (K = 10, Fashion-MNIST) | new-class recall | old-class accuracy | mean(old, new) |",
-            "|---|---|---|---|"]
-    variants = [("-ablation-seed", "PROTECT_FEEDBACK=0, CLASS_BALANCE=0, NEW_CLASS_THRESHOLD=0.85"),
-                ("-ablation-protect", "+ PROTECT_FEEDBACK=1 (no change here: each class's shots arrive in one "
-                                      "request, and a request never overwrites its own items)"),
-                ("-ablation-protect-newthr", "+ threshold 0.5 for classes the head lacks"),
-                ("", "+ class-balanced vote 0.5 (the default)")]
-    for tag, label in variants:
-        r = load(f"online-new-classes-fashion-mnist{tag}")
-        if r is None:
-            rows.append(f"| {label} | not run | | |")
-            continue
-        x = next(t for t in r["results"]["table"] if t["k"] == 10 and t["method"].startswith("memory"))
-        rows.append(f"| {label} | {pct(x['new_recall'])} | {pct(x['old_accuracy'])} | {pct(x['mean_old_new'])} |")
-    return "\n".join(rows)
-
-
 def shift_table() -> str:
     rows = ["| data set | shift | K per class | shifted accuracy before -> after | change | clean accuracy before "
             "-> after | change |", "|---|---|---|---|---|---|---|"]
@@ -697,9 +664,6 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("png-decoders", png_decoders_table),
     ("hostile-bodies", hostile_bodies_table),
     ("request-cost", request_cost_table),
-    ("online-fashion-mnist", lambda: online_table("fashion-mnist")),
-    ("online-cifar10", lambda: online_table("cifar10")),
-    ("online-ablation", online_ablation_table),
     ("shift", shift_table),
     ("policy-grid-fashion-mnist", lambda: policy_grid_table("fashion-mnist")),
     ("policy-grid-cifar10", lambda: policy_grid_table("cifar10")),

@@ -30,8 +30,8 @@ EMPTY = -1  # label of an empty memory answer (and of a free memory slot)
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    # defaults: those chosen on Fashion-MNIST's validation data: class_balance by
-    # bench/online_learning.py policy-grid; new_class_threshold and the taught rows' by
+    # defaults: those chosen on Fashion-MNIST's validation data: class_balance by an earlier
+    # round's policy grid (BENCHMARKS.md); new_class_threshold and the taught rows' by
     # bench/experiments/few_shot.py choose (two classes the model never saw); correction_bias by
     # shift-choose (BENCHMARKS.md). Training chooses the online-learning ones again for its own
     # model (--choose-online, core/online_choice.py) and the threshold (--choose-threshold).
