@@ -35,6 +35,8 @@ near: each 8-class model (bench/train_models.sh fashion-mnist-8, cifar10-8) agai
     .venv/bin/python -m bench.experiments.ood choose
     .venv/bin/python -m bench.experiments.ood test
     .venv/bin/python -m bench.experiments.ood near
+    .venv/bin/python -m bench.experiments.ood choose --models fashion-mnist --store runs/store \
+        --name fashion-mnist-ls0 --tag -ls0     # a candidate model, by the same rule (its validation split)
 Records: bench/results/ood-choose.json, bench/results/ood-test.json, bench/results/ood-near.json.
 """
 
@@ -123,9 +125,9 @@ def pick(n: int, total: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def scores_for(model_name: str, split: str, n_out: int, n_in: int | None) -> dict:
+def scores_for(model_name: str, split: str, n_out: int, n_in: int | None, store=None, name_in_store=None) -> dict:
     name, data_dir = MODELS[model_name]
-    loaded = load_model(ROOT / "model_store", model_name)
+    loaded = load_model(store or ROOT / "model_store", name_in_store or model_name)
     model, spec = loaded.model.eval(), loaded.input
     own = load_dataset(name, data_dir)
     other_name, other_dir = MODELS[OTHER[model_name]]
@@ -143,7 +145,7 @@ def scores_for(model_name: str, split: str, n_out: int, n_in: int | None) -> dic
 def choose(args) -> dict:
     results = {}
     for m in args.models:
-        s = scores_for(m, "validation", args.n_out, None)
+        s = scores_for(m, "validation", args.n_out, None, args.store, args.name)
         stats = validation_stats(s["in"])
         ins, outs = with_combinations(s["in"], stats), with_combinations(s["out"], stats)
         table = {k: auroc(ins[k], outs[k]) for k in ins}
@@ -225,10 +227,15 @@ def main() -> None:
     ap.add_argument("experiment", choices=["choose", "test", "near"])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--n-out", type=int, default=2000, help="out-of-distribution images per model")
+    ap.add_argument("--store", default=None, help="choose: another model store (a candidate model; default model_store)")
+    ap.add_argument("--name", default=None, help="choose: the candidate's name in --store (one data set in --models)")
+    ap.add_argument("--tag", default="", help="suffix of the record's name")
     args = ap.parse_args()
+    if (args.store or args.name) and (args.experiment != "choose" or len(args.models) != 1):
+        ap.error("--store/--name: choose, with one data set in --models")
     machine = header(vars(args))
     results = {"choose": choose, "test": test, "near": near}[args.experiment](args)
-    write_record(f"ood-{args.experiment}", vars(args), results, machine)
+    write_record(f"ood-{args.experiment}{args.tag}", vars(args), results, machine)
 
 
 if __name__ == "__main__":
