@@ -87,9 +87,12 @@ class TaughtRowFitter:
         while not self._stop.is_set():
             with self._cond:  # until a change to take in, or an unfinished fit whose memory settled
                 while not self._stop.is_set() and self._fitted >= self._changes:
-                    if not self._converged and not self._settling():
+                    settling = self._settling()
+                    if not self._converged and not settling:
                         break
-                    self._cond.wait(self._settling() or 1.0)
+                    self._cond.wait(settling or 1.0)
+            if self._stop.is_set():
+                break
             with self.lock:  # the examples as of now; the fit itself leaves predictions free to run
                 target = self._changes
                 taught = (self.slot_feedback != EMPTY).nonzero().squeeze(1)  # (N,) slots users taught
