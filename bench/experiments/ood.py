@@ -36,7 +36,7 @@ near: each 8-class model (bench/train_models.sh fashion-mnist-8, cifar10-8) agai
     .venv/bin/python -m bench.experiments.ood test
     .venv/bin/python -m bench.experiments.ood near
     .venv/bin/python -m bench.experiments.ood choose --models fashion-mnist --store runs/store \
-        --name fashion-mnist-ls0 --tag -ls0     # a candidate model, by the same rule (its validation split)
+        --name fashion-mnist-ls0 --tag=-ls0     # a candidate model, by the same rule (its validation split)
 Records: bench/results/ood-choose.json, bench/results/ood-test.json, bench/results/ood-near.json.
 """
 
