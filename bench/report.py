@@ -199,10 +199,29 @@ def ood_table() -> str:
     for m, t in test["results"].items():
         c, a = choose["results"][m], t["auroc"]
         rows.append(f"| {names[m]} (`{m}`, version {t['model_version']}) | {t['out_of_distribution']} "
-                    f"({t['n_out']}) | `{t['chosen']}`, threshold {t['threshold']:.1f} | "
+                    f"({t['n_out']}) | `{t['chosen']}`, threshold {t['threshold']:.4g} | "
                     f"{c['auroc'][t['chosen']]:.4f} / **{a[t['chosen']]:.4f}** ({goals[m]}) | "
                     f"{pct(t['in_abstained'])} / {pct(t['out_abstained'])} | "
                     f"{a['knn-1']:.4f}, {a['energy']:.4f}, {a['msp']:.4f} |")
+    return "\n".join(rows)
+
+
+def ood_choice_table() -> str:
+    """"None of these": how the score was chosen: far and near validation AUROCs of candidates."""
+    choose = load("ood-choose")
+    if choose is None:
+        return "not run"
+    names = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (JPEG copy)"}
+    rows = ["| model | score (validation) | far AUROC | near AUROC (8-class model) | mean: the rule |",
+            "|---|---|---|---|---|"]
+    for m, c in choose["results"].items():
+        far, near, both = c["auroc"], c["near_auroc"], c["mean_far_near"]
+        alone = max((k for k in both if "+" not in k), key=both.get)
+        probe = max((k for k in far if k.startswith("probe-")), key=far.get)
+        for k, what in ((alone, "the memory's part alone (best shrink)"), (probe, "the probe's part alone"),
+                        (c["chosen"], "**chosen**")):
+            rows.append(f"| {names[m]} | `{k}`: {what} | {far[k]:.4f} | {near[k]:.4f} | "
+                        f"{(far[k] + near[k]) / 2:.4f} |")
     return "\n".join(rows)
 
 
@@ -219,7 +238,7 @@ def ood_near_table() -> str:
         best = max(te["auroc"], key=te["auroc"].get)
         rows.append(f"| {names[m]} 8 classes (`{t['model']}`, version {t['model_version']}) | "
                     f"{', '.join(t['held_out'])} ({te['n_out']} test images) | `{score}`, threshold "
-                    f"{t['threshold']:.1f} | {v['auroc'][score]:.4f} / **{te['auroc'][score]:.4f}** | "
+                    f"{t['threshold']:.4g} | {v['auroc'][score]:.4f} / **{te['auroc'][score]:.4f}** | "
                     f"{pct(te['in_abstained'])} / {pct(te['out_abstained'])} | {best} {te['auroc'][best]:.4f} |")
     return "\n".join(rows)
 
@@ -669,6 +688,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("policy-grid-cifar10", lambda: policy_grid_table("cifar10")),
     ("served-accuracy", served_accuracy_table),
     ("ood", ood_table),
+    ("ood-choice", ood_choice_table),
     ("shift-choose", shift_choose_table),
     ("ood-near", ood_near_table),
     ("few-shot-latency", few_shot_latency_table),

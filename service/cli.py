@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="covariance shrinkage of the ood_score's Gaussians (chosen on validation: "
                                  f"bench/experiments/ood.py; default {TrainConfig.novelty_shrink}; with --engine "
                                  "the model's own)")
+    p_retrofit.add_argument("--novelty-probe-weight", type=float, default=None,
+                            help="weight of the backbone's probe in the ood_score (chosen on validation: "
+                                 f"bench/experiments/ood.py; default {TrainConfig.novelty_probe_weight}; with --engine "
+                                 "the model's own where it has one)")
     p_retrofit.add_argument("--engine", default=None, choices=["openvino-int8"],
                             help="instead: give the model a CPU inference engine (docs/engine.md): the backbone "
                                  "quantised to int8 (needs nncf: the `quantize` extra), the memory re-embedded, "
@@ -196,7 +200,7 @@ def train(ns: argparse.Namespace) -> int:
 
 def retrofit(ns: argparse.Namespace) -> int:
     from .core.data import DatasetMissing
-    from .core.retrofit import NOVELTY_SHRINK, retrofit_model
+    from .core.retrofit import NOVELTY_SHRINK, PROBE_WEIGHT, retrofit_model
     from .core.store import ModelStoreError
 
     policy = {f: getattr(ns, f) for f in RETROFIT_POLICY}
@@ -204,8 +208,9 @@ def retrofit(ns: argparse.Namespace) -> int:
         return retrofit_with_engine(ns, policy)
     try:
         shrink = ns.novelty_shrink if ns.novelty_shrink is not None else NOVELTY_SHRINK
+        weight = ns.novelty_probe_weight if ns.novelty_probe_weight is not None else PROBE_WEIGHT
         d = retrofit_model(ns.store, ns.name, ns.replay_per_class, ns.data_dir, policy, novelty_shrink=shrink,
-                           choose_online=ns.choose_online)
+                           choose_online=ns.choose_online, probe_weight=weight)
     except (ValueError, DatasetMissing, ModelStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -223,6 +228,7 @@ def retrofit_with_engine(ns: argparse.Namespace, policy: dict) -> int:
     try:
         report = retrofit_engine(ns.store, ns.name, ns.engine, ns.calibration, ns.seed, ns.data_dir, policy,
                                  novelty_shrink=ns.novelty_shrink, choose_online=ns.choose_online,
+                                 probe_weight=ns.novelty_probe_weight,
                                  log=lambda line: print(line, flush=True))
     except EngineRefused as e:
         print(f"error: {e}", file=sys.stderr)

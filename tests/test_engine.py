@@ -270,3 +270,23 @@ def test_retrofit_manifest_is_plain_json_and_the_ir_is_xml(engined):
     files = m["engine"]["files"]
     assert (store / NAME / files["xml"]).read_bytes().lstrip().startswith(b"<?xml")
     assert (store / NAME / files["safetensors"]).read_bytes()[8:9] == b"{"  # safetensors: length, JSON header
+
+
+def test_a_poolnet_engine_outputs_the_probe_beside_the_features_close_to_eager(engined):
+    from service.core.backbones import PoolNet
+    from service.core.engine import quantize_backbone
+
+    torch.manual_seed(0)
+    eager = PoolNet(1).eval()
+    eager.whiten(torch.randn(256, 1, 28, 28))
+    files = quantize_backbone(eager, torch.randn(64, 1, 28, 28))
+    int8 = OpenVINOBackbone(files[".xml"], files[".bin"])
+    assert int8.probe_dim == eager.probe_dim > 0
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        (fe, pe), (fq, pq) = eager.forward_with_probe(x), int8.forward_with_probe(x)
+    assert F.cosine_similarity(fe, fq).min() > 0.98 and F.cosine_similarity(pe, pq).min() > 0.98
+    assert torch.equal(int8(x), fq)  # forward: the features alone
+    # a backbone without a probe (small_resnet) is exported with the features alone
+    store = engined[0]
+    assert load_engine_model(store, NAME, OPENVINO_INT8).model.backbone.probe_dim == 0

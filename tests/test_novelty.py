@@ -2,6 +2,9 @@
 nearest class mean of the memory's keys, the means follow every write, the threshold is chosen
 on validation images, and a taught class stops abstaining."""
 
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -124,3 +127,102 @@ def test_a_model_saved_before_the_score_existed_answers_without_one(tmp_path):
         assert torch.isnan(p.ood_score).all() and not p.abstained.any()
     finally:
         rt.close()
+
+
+# --- the probe: a second part from an earlier block (backbones with one: poolnet) -------------
+def poolnet_with_memory(**config):
+    """An untrained poolnet whose memory holds 40 random images' keys of 4 classes."""
+    from service.core.model import ClassifierConfig, EnhancedClassifier
+
+    torch.manual_seed(0)
+    m = EnhancedClassifier(ClassifierConfig(backbone="poolnet", num_classes=4, in_chans=1, image_size=28,
+                                            memory_size=64, memory_classes=6, **config)).eval()
+    with torch.no_grad():
+        m.memory.update(m.embed(torch.randn(40, 1, 28, 28))[0], torch.arange(40) % 4)
+    return m
+
+
+def uint8_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+
+
+def direct_probe_score(novelty, train_probes, train_labels, probes, shrink):
+    """The probe part's definition the long way: class means, (B, C, P) differences, an explicit inverse."""
+    p, y = train_probes.double(), train_labels
+    means = torch.stack([p[y == c].mean(0) for c in y.unique()])
+    centred = p - means[y]
+    cov = centred.T @ centred / len(p)
+    cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    d = probes.double().unsqueeze(1) - means
+    return torch.einsum("bcd,de,bce->bc", d, torch.linalg.inv(cov), d).min(1).values
+
+
+def test_the_probe_part_is_standardised_on_validation_weighted_and_added_to_the_memory_part():
+    m = poolnet_with_memory()
+    train = uint8_images(120, 1), torch.arange(120) % 4
+    validation = uint8_images(200, 2)
+    threshold = calibrate_novelty(m, validation, [0.5], [0.5], shrink=0.3, train=train, probe_weight=0.7)
+    n = m.novelty
+    assert n.probe_calibrated and float(n.probe_weight) == pytest.approx(0.7)
+    x_train, x_val = (train[0].float() / 255 - 0.5) / 0.5, (validation.float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        keys, _, probes = m.encode(x_val)
+        train_probes = m.encode(x_train)[2]
+    memory_part, probe_part = n.score(m.memory, keys), n.probe_score(probes)
+    assert torch.allclose(probe_part.double(), direct_probe_score(n, train_probes, train[1], probes, 0.3),
+                          rtol=1e-3, atol=1e-3)
+    m_, s_, mp, sp = n.standard.tolist()  # each part's validation mean and standard deviation
+    assert m_ == pytest.approx(float(memory_part.mean()), rel=1e-4) and sp == pytest.approx(float(probe_part.std()),
+                                                                                             rel=1e-4)
+    expected = (memory_part - m_) / s_ + 0.7 * (probe_part - mp) / sp
+    served = m.predict(x_val).ood_score
+    assert torch.allclose(served, expected, atol=1e-3)
+    assert 0.0 < (served > threshold).float().mean() <= 0.05
+
+
+def test_at_probe_weight_zero_or_without_training_images_the_score_is_the_memory_part_alone():
+    validation = uint8_images(100, 2)
+    x_val = (validation.float() / 255 - 0.5) / 0.5
+    for kwargs in ({"train": (uint8_images(40, 1), torch.arange(40) % 4), "probe_weight": 0.0}, {"train": None}):
+        m = poolnet_with_memory()
+        calibrate_novelty(m, validation, [0.5], [0.5], shrink=0.3, **kwargs)
+        assert m.novelty.has_probe and not m.novelty.probe_calibrated
+        with torch.no_grad():
+            alone = m.novelty.score(m.memory, m.embed(x_val)[0])
+        assert torch.allclose(m.predict(x_val).ood_score, alone)
+
+
+def test_a_model_stored_before_the_probe_loads_without_one_and_with_probe_gives_it_room(tmp_path):
+    from service.core.retrofit import with_probe
+
+    m = poolnet_with_memory(novelty_probe=False)
+    assert not m.novelty.has_probe
+    save_model(tmp_path, "old", m, CLASSES, InputSpec(28, 1, [0.5], [0.5]))
+    path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["classifier"]["novelty_probe"]  # as written before the field existed
+    path.write_text(json.dumps(manifest))
+    loaded = load_model(tmp_path, "old")
+    assert not loaded.model.novelty.has_probe
+    rebuilt = with_probe(loaded.model)
+    assert rebuilt.novelty.has_probe and not rebuilt.novelty.probe_calibrated
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.equal(rebuilt.predict(x).labels, loaded.model.predict(x).labels)
+    assert torch.equal(rebuilt.memory.keys, loaded.model.memory.keys)
+
+
+def test_the_runtime_serves_the_probe_part_as_the_model_computes_it(tmp_path):
+    from service.serving.runtime import ModelRuntime
+
+    m = poolnet_with_memory()
+    calibrate_novelty(m, uint8_images(100, 2), [0.5], [0.5], shrink=0.3, train=(uint8_images(80, 1),
+                                                                                 torch.arange(80) % 4))
+    save_model(tmp_path / "store", "p", m, CLASSES, InputSpec(28, 1, [0.5], [0.5]))
+    x = torch.randn(3, 1, 28, 28)
+    rt = ModelRuntime(tmp_path / "store", "p", tmp_path / "var")
+    try:
+        served = rt.predict(x).prediction.ood_score
+    finally:
+        rt.close()
+    assert torch.allclose(served, m.predict(x).ood_score, atol=1e-4)

@@ -10,7 +10,7 @@ from service.core.data import augment
 from service.core.model import ClassifierConfig, EnhancedClassifier
 from service.core.optimisation import Lookahead, make_optimizer, set_epoch, start_recipe, warmup_linear
 from service.core.recipes import RECIPES, recipe_for
-from service.core.train import TrainConfig, run_training
+from service.core.train import WHITENING_IMAGES, TrainConfig, run_training, whitening_sample
 from tests.test_train import synthetic
 
 
@@ -47,6 +47,16 @@ def test_whitening_stem_makes_patches_uncorrelated_with_unit_variance():
     assert torch.allclose(cov, torch.eye(3 * k * k), atol=0.02)
     assert torch.equal(net.stem.conv.weight[3 * k * k:], -net.stem.conv.weight[:3 * k * k])
     assert not net.stem.conv.weight.requires_grad
+
+
+def test_whitening_sample_draws_every_class_of_a_class_ordered_split_reproducibly_by_seed():
+    labels = torch.arange(10).repeat_interleave(4500)  # stored class by class, like the CIFAR-10 zip
+    idx = whitening_sample(len(labels), seed=0)
+    assert len(idx) == WHITENING_IMAGES and len(idx.unique()) == WHITENING_IMAGES
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert counts.min() > 400 and counts.max() < 600  # ~500 per class, not 4,500 of the first
+    assert torch.equal(idx, whitening_sample(len(labels), seed=0))
+    assert not torch.equal(idx, whitening_sample(len(labels), seed=1))
 
 
 def test_poolnet_convolutions_start_as_identities_and_batch_norm_learns_no_scale():

@@ -121,6 +121,9 @@ class WhiteningStem(nn.Module):
         return nn.functional.gelu(self.conv(x))  # (B, 2Ck^2, H-k+1, W-k+1)
 
 
+PROBE_BLOCK = 1  # PoolNet's block whose averaged activations are the probe (chosen on validation: docs/memory.md, "None of these")
+
+
 class PoolNet(nn.Module):
     """A fast CNN for 28-32 px images, airbench94's layout: a whitening stem, then three
     conv-pool blocks (widths 64, 256, 256), global max pooling to 256 features."""
@@ -134,6 +137,7 @@ class PoolNet(nn.Module):
             c = w
         self.blocks = nn.Sequential(*blocks)
         self.num_features = c
+        self.probe_dim = widths[PROBE_BLOCK]
 
     def whiten(self, images: torch.Tensor) -> None:
         """Set the first convolution from normalised training images (the recipe's whitening)."""
@@ -148,6 +152,18 @@ class PoolNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.blocks(self.stem(x)))  # (B, 256)
+
+    def forward_with_probe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, 256), probe (B, 256)): the probe is the second block's activations
+        averaged over the image, what the ood_score's second part reads (core/novelty.py):
+        the statistics of textures and strokes, which tell images of another kind (photos
+        to a clothes model) better than the final features trained to tell classes apart."""
+        h = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == PROBE_BLOCK:
+                probe = h.mean((2, 3))  # (B, 256, H', W') -> (B, 256)
+        return self.pool(h), probe
 
 
 BUILTIN = {

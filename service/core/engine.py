@@ -81,7 +81,7 @@ def quantize_backbone(backbone: nn.Module, calibration: torch.Tensor) -> dict[st
     if calibration.dim() != 4 or not len(calibration):
         raise ValueError(f"calibration images must be (N, C, H, W) with N >= 1, got {tuple(calibration.shape)}")
     device = next(backbone.parameters()).device
-    net = backbone.eval()
+    net = _WithProbe(backbone.eval()) if getattr(backbone, "probe_dim", 0) else backbone.eval()
     x = calibration.float().contiguous()  # NCHW: the layout the engine is given (see OpenVINOBackbone)
     with torch.no_grad(), warnings.catch_warnings(), _quiet("nncf"):
         warnings.simplefilter("ignore")  # the tracer's warnings about the backbone's Python control flow
@@ -93,6 +93,17 @@ def quantize_backbone(backbone: nn.Module, calibration: torch.Tensor) -> dict[st
         xml = Path(tmp) / "backbone.xml"
         ov.save_model(int8, str(xml), compress_to_fp16=False)  # fp16 storage would round what int8 left in fp32
         return {".xml": xml.read_bytes(), ".bin": xml.with_suffix(".bin").read_bytes()}
+
+
+class _WithProbe(nn.Module):
+    """The backbone exported with two outputs, (features, probe): forward_with_probe."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone.forward_with_probe(x)
 
 
 class _quiet:
@@ -127,21 +138,30 @@ class OpenVINOBackbone(nn.Module):
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1,
                                                           "PERFORMANCE_HINT": "LATENCY",
                                                           "INFERENCE_PRECISION_HINT": "f32"})
-        out = self.compiled.outputs[0].get_partial_shape()
-        self.num_features = int(out[1].get_length())
+        outputs = [int(o.get_partial_shape()[1].get_length()) for o in self.compiled.outputs]
+        self.num_features = outputs[0]
+        self.probe_dim = outputs[1] if len(outputs) > 1 else 0  # engines made before the probe have none
         self._local = threading.local()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _infer(self, x: torch.Tensor) -> list[torch.Tensor]:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
         # NCHW contiguous: `embed` hands a channels-last tensor, whose numpy view OpenVINO would copy anyway
         images = x.detach().to("cpu", torch.float32).contiguous(memory_format=torch.contiguous_format).numpy()
-        features = request.infer({0: images})[0]  # a view of the request's output buffer: copied out
-        return torch.from_numpy(np.array(features, dtype=np.float32, copy=True)).to(x.device)
+        results = request.infer({0: images})  # views of the request's output buffers: copied out
+        return [torch.from_numpy(np.array(results[i], dtype=np.float32, copy=True)).to(x.device)
+                for i in range(len(self.compiled.outputs))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._infer(x)[0]  # (B, D)
+
+    def forward_with_probe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, probes = self._infer(x)
+        return features, probes  # (B, D), (B, P)
 
     def extra_repr(self) -> str:
-        return f"openvino int8, {self.threads} threads, {self.num_features} features"
+        return f"openvino int8, {self.threads} threads, {self.num_features} features, probe {self.probe_dim}"
 
 
 def resolve_engine(requested: str, manifest: dict, device: str | torch.device = "cpu") -> str:

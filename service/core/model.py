@@ -66,6 +66,8 @@ class ClassifierConfig:
     """Training images per class whose features the model keeps to fit taught head rows on (0: none; exit final only)."""
     novelty: bool = True
     """Score how unlike everything known each image is (ood_score; needs a memory): Gaussians fitted on its keys."""
+    novelty_probe: bool = True
+    """Add the backbone's probe (an earlier block's averaged activations, backbones that have one) to the ood_score."""
     tta: str = "none"
     """Test-time augmentation at inference: none, or flip (features averaged with the mirrored image's: 2x the network cost)."""
 
@@ -188,7 +190,8 @@ class EnhancedClassifier(nn.Module):
         # "none of these": the ood_score of every answer, from the memory's keys (calibrated after training)
         self.novelty: Novelty | None = None
         if config.novelty and self.memory is not None:
-            self.novelty = Novelty(key_dim, config.memory_classes)
+            probe_dim = getattr(self.backbone, "probe_dim", 0) if config.novelty_probe else 0
+            self.novelty = Novelty(key_dim, config.memory_classes, probe_dim, config.num_classes)
 
     def for_inference(self) -> "EnhancedClassifier":
         """Eval mode with the convolutions' weights in channels-last layout, which oneDNN runs
@@ -206,19 +209,33 @@ class EnhancedClassifier(nn.Module):
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (memory keys (B, D), hidden): the backbone up to the exit only. `hidden` is
         what `network_logits` continues from (the pooled features for exit final)."""
+        keys, hidden, _ = self.encode(images, probe=False)
+        return keys, hidden
+
+    def encode(self, images: torch.Tensor, probe: bool | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`embed`, and the probe (B, P) the ood_score reads (core/novelty.py) where the model
+        has one and `probe` asks for it (None: where the score uses it, i.e. it is calibrated;
+        True: also before, to calibrate it); None otherwise."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.exit_proj is None:
-            features = self.backbone(images)  # (B, D)
+            novelty = self.novelty
+            probe = novelty is not None and novelty.has_probe and (novelty.probe_calibrated if probe is None else probe) \
+                and getattr(self.backbone, "probe_dim", 0) > 0  # an engine made without one has none
+            run = self.backbone.forward_with_probe if probe else lambda x: (self.backbone(x), None)
+            features, probes = run(images)  # (B, D), (B, P) or None
             if self.config.tta == "flip" and not self.training:
                 # the mirrored image's features averaged in: the head is linear, so its logits
                 # are the two views' mean, and the memory's keys and queries both see it
-                features = 0.5 * (features + self.backbone(images.flip(-1)))
-            return features, features
+                mirrored, mirrored_probes = run(images.flip(-1))
+                features = 0.5 * (features + mirrored)
+                probes = None if probes is None else 0.5 * (probes + mirrored_probes)
+            return features, features, probes
         h = images
         for stage in self._split_stages()[0]:
             h = stage(h)  # ends (B, C', H', W')
-        return self.exit_proj(h), h
+        return self.exit_proj(h), h, None
 
     def network_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The rest of the backbone after the exit, then the head: (B, ...) -> (B, num_classes)."""
@@ -242,11 +259,11 @@ class EnhancedClassifier(nn.Module):
         model's device; the Prediction is on that device (see `finish`)."""
         policy = self.policy if policy is None else policy
         t0 = time.perf_counter()
-        keys, hidden = self.embed(images)  # (B, D), the exit's activations
+        keys, hidden, probes = self.encode(images)  # (B, D), the exit's activations, (B, P) or None
         t1 = time.perf_counter()
         r = (read_memory or self.retrieve)(keys.float(), policy)
         t2 = time.perf_counter()
-        p = self.finish(r, hidden, policy)
+        p = self.finish(r, hidden, policy, probes)
         p.timings_ms.update(features=1e3 * (t1 - t0), memory=1e3 * (t2 - t1))
         return p
 
@@ -297,9 +314,11 @@ class EnhancedClassifier(nn.Module):
         return self.taught.fit(self.head, *examples, policy.taught_l2, iterations, warm, stop)
 
     @torch.no_grad()
-    def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy) -> Prediction:
+    def finish(self, r: Retrieval, hidden: torch.Tensor, policy: RoutingPolicy,
+               probes: torch.Tensor | None = None) -> Prediction:
         """Memory answer where `route` says so; the rest of the network (one batched call) for
-        the others. With taught rows the head is extended by them (see routing).
+        the others. With taught rows the head is extended by them (see routing). `probes`
+        (from `encode`) complete the ood_score where the model has them.
 
         Device: every tensor is made on `hidden`'s device (the model's), and the Prediction's
         fields stay there: nothing is copied to the host here (`Prediction.cpu()` does it in
@@ -344,7 +363,8 @@ class EnhancedClassifier(nn.Module):
         used_memory = used_memory | taught  # answers of taught rows count as the memory path
         nearest_slot = r.slots[:, 0]
         similarity = torch.where(nearest_slot != EMPTY, r.similarity[:, 0], 0.0)  # (B,)
-        ood = r.ood_score if r.ood_score is not None else torch.full((B,), float("nan"), device=dev)  # (B,)
+        ood = torch.full((B,), float("nan"), device=dev) if r.ood_score is None else \
+            self.novelty.combine(r.ood_score, probes)  # (B,)
         abstained = ood > policy.ood_threshold if policy.ood_threshold is not None else torch.zeros_like(used_memory)
         abstained = abstained & ~(r.similarity[:, 0] >= EXACT_MATCH)  # the memory holds this very image: known
         timings = {"features": 0.0, "memory": 0.0, "head": 1e3 * (t3 - t2)}

@@ -18,8 +18,22 @@ abstain). The distances to every class also weigh taught classes' answers (model
 the policy's `taught_distance_weight`): a new class answers more readily where the image is
 nearer its taught examples than any trained class.
 
-Derived state (sums, counts) is rebuilt from the memory when attached; the precision and the
-shrink are buffers, saved with the model.
+The probe (backbones with one: PoolNet's second block averaged over the image) adds a second
+part, for images of another kind altogether (photos sent to a clothes model): the final
+features are trained to tell the known classes apart and place such images near some class;
+the earlier block's statistics are not (Lee et al. 2018 combine every layer's score):
+
+    p_score   = min over trained classes c of (p - nu_c)^T Q (p - nu_c)       (B,)
+    ood_score = (score - m) / s + probe_weight * (p_score - m_p) / s_p
+
+with nu_c, Q fitted at calibration on training images of the trained classes (same shrink),
+m, s, m_p, s_p each part's mean and standard deviation on the validation images, and
+probe_weight chosen on validation (bench/experiments/ood.py). The probe's Gaussians are fixed:
+a taught class moves the first part only, so images of a new kind of thing keep part of their
+score after teaching (the exact image taught is always known: model.finish).
+
+Derived state (sums, counts) is rebuilt from the memory when attached; the precision, the
+shrink and the probe's Gaussians are buffers, saved with the model.
 """
 
 from __future__ import annotations
@@ -33,10 +47,16 @@ from .routing import EMPTY
 
 
 class Novelty(nn.Module):
-    def __init__(self, dim: int, classes: int):
+    def __init__(self, dim: int, classes: int, probe_dim: int = 0, probe_classes: int = 0):
         super().__init__()
         self.register_buffer("precision", torch.zeros(dim, dim))  # (D, D); zeros = not calibrated
         self.register_buffer("shrink", torch.zeros(()))
+        self.has_probe = probe_dim > 0
+        if self.has_probe:
+            self.register_buffer("probe_means", torch.zeros(probe_classes, probe_dim))  # (Ct, P)
+            self.register_buffer("probe_precision", torch.zeros(probe_dim, probe_dim))  # (P, P); zeros = unused
+            self.register_buffer("standard", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # m, s, m_p, s_p
+            self.register_buffer("probe_weight", torch.zeros(()))
         self.classes = classes
         self._follow(None)
         self._sums = torch.zeros(classes, dim, dtype=torch.float64)  # (C, D) unit keys summed per class
@@ -48,16 +68,48 @@ class Novelty(nn.Module):
     def calibrated(self) -> bool:
         return bool(self.precision.any())
 
+    @property
+    def probe_calibrated(self) -> bool:
+        return self.has_probe and bool(self.probe_precision.any())
+
+    @torch.no_grad()
+    def calibrate_probe(self, probes: torch.Tensor, labels: torch.Tensor, shrink: float) -> None:
+        """Fit the probe's Gaussians on training images' probes (N, P) of the trained classes (N,)."""
+        p, classes = probes.double().cpu(), labels.cpu().unique()
+        means = torch.stack([p[labels.cpu() == c].mean(0) for c in classes])  # (Ct', P)
+        self.probe_means.zero_()
+        self.probe_means[classes] = means.to(self.probe_means)
+        self.probe_precision.copy_(_shrunk_inverse(p - means[torch.searchsorted(classes, labels.cpu())], shrink))
+
+    @torch.no_grad()
+    def probe_score(self, probes: torch.Tensor) -> torch.Tensor:
+        """(B, P) probes -> (B,) squared Mahalanobis distance to the nearest trained class's probe mean."""
+        held = self.probe_means.any(1)  # (Ct,) classes the calibration saw
+        mu, q = self.probe_means[held].float(), probes.float()  # (Ct', P), (B, P)
+        qm = q @ self.probe_precision  # (B, P)
+        d = (qm * q).sum(1, keepdim=True) - 2 * qm @ mu.T + ((mu @ self.probe_precision) * mu).sum(1)  # (B, Ct')
+        return d.min(1).values
+
+    def combine(self, score: torch.Tensor, probes: torch.Tensor | None) -> torch.Tensor:
+        """The ood_score: `score` (the memory part) alone without a calibrated probe, else both
+        parts standardised and summed (module docstring)."""
+        if probes is None or not self.probe_calibrated:
+            return score
+        m, s, mp, sp = self.standard.tolist()
+        return (score - m) / s + float(self.probe_weight) * (self.probe_score(probes) - mp) / sp
+
+    def set_standard(self, score: torch.Tensor, probe_score: torch.Tensor, weight: float) -> None:
+        """Each part's mean and standard deviation on the validation images, and the probe's weight."""
+        self.standard.copy_(torch.tensor([score.mean(), score.std(), probe_score.mean(), probe_score.std()]))
+        self.probe_weight.fill_(weight)
+
     @torch.no_grad()
     def calibrate(self, memory: Memory, shrink: float) -> None:
         """Fit the shared precision on the keys the memory holds now (its training items)."""
         keys, labels = self._filled(memory, memory.filled().nonzero().squeeze(1))
         classes = labels.unique()
         means = torch.stack([keys[labels == c].mean(0) for c in classes])  # (C', D)
-        centred = keys - means[torch.searchsorted(classes, labels)]
-        cov = centred.T @ centred / len(keys)  # (D, D): post-ReLU features leave it near rank-deficient
-        cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
-        self.precision.copy_(torch.linalg.inv(cov).to(self.precision))
+        self.precision.copy_(_shrunk_inverse(keys - means[torch.searchsorted(classes, labels)], shrink))
         self.shrink.fill_(shrink)
         self._follow(None)  # attach again: the terms depend on P
 
@@ -134,3 +186,11 @@ class Novelty(nn.Module):
         qpq = ((q @ self.precision) * q).sum(1, keepdim=True)  # (B, 1)
         d = qpq - 2 * q @ pm.T + mpm  # (B, C)
         return d.masked_fill(~held, float("inf"))
+
+
+def _shrunk_inverse(centred: torch.Tensor, shrink: float) -> torch.Tensor:
+    """The precision of (N, D) centred vectors: their covariance shrunk by `shrink` towards its
+    mean variance, inverted (post-activation features leave the covariance near rank-deficient)."""
+    cov = centred.T @ centred / len(centred)  # (D, D)
+    cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    return torch.linalg.inv(cov)

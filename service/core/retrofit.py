@@ -33,6 +33,8 @@ from .train_config import TrainConfig
 
 ABSTAIN_SHARE = 0.05  # validation images over the ood threshold: "none of these" for at most this share
 NOVELTY_SHRINK = TrainConfig.novelty_shrink  # training's default (chosen on validation: bench/experiments/ood.py)
+PROBE_WEIGHT = TrainConfig.novelty_probe_weight  # the same
+PROBE_IMAGES = 10000  # training images (seeded, class-stratified) the probe's Gaussians are fitted on
 
 
 @torch.no_grad()
@@ -63,25 +65,58 @@ def fill_replay(model: EnhancedClassifier, images: torch.Tensor, labels: torch.T
 
 @torch.no_grad()
 def calibrate_novelty(model: EnhancedClassifier, validation: torch.Tensor, mean, std, shrink: float,
-                      abstain: float = ABSTAIN_SHARE, batch: int = 500) -> float | None:
-    """Fit the ood_score's Gaussians on the memory (`shrink`: the covariance's shrinkage) and
-    return the threshold over which at most `abstain` of the validation images (uint8 (N, C,
-    H, W)) abstain; None when the model has no score or there is no validation image."""
+                      train: tuple[torch.Tensor, torch.Tensor] | None = None, probe_weight: float = PROBE_WEIGHT,
+                      seed: int = 0, abstain: float = ABSTAIN_SHARE, batch: int = 500) -> float | None:
+    """Fit the ood_score's Gaussians on the memory (`shrink`: the covariance's shrinkage) and,
+    where the model has a probe, `train` (uint8 (N, C, H, W) training images, (N,) labels) is
+    given and `probe_weight` > 0, the probe's on PROBE_IMAGES of them (seeded, class-stratified)
+    and each part's validation statistics; return the threshold over which at most `abstain` of
+    the validation images (uint8 (N, C, H, W)) abstain; None when the model has no score or
+    there is no validation image."""
     if model.novelty is None or not len(validation):
         return None
     model.eval()
-    model.novelty.calibrate(model.memory, shrink)
-    dev = model.memory.keys.device
-    scores = torch.cat([model.novelty.score(model.memory, model.embed(normalize(validation[i:i + batch].to(dev), mean,
-                                                                                 std))[0])
-                        for i in range(0, len(validation), batch)])  # (N,)
-    model.novelty.detach_from(model.memory)  # training's later writes (if any) are not followed
+    novelty, dev = model.novelty, model.memory.keys.device
+    novelty.calibrate(model.memory, shrink)
+
+    def encoded(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = [model.encode(normalize(images[i:i + batch].to(dev), mean, std), probe=True)
+                 for i in range(0, len(images), batch)]
+        return torch.cat([k for k, _, _ in parts]), None if parts[0][2] is None else torch.cat([p for _, _, p in parts])
+
+    if novelty.has_probe:
+        novelty.probe_precision.zero_()  # unused unless fitted below
+    keys, probes = encoded(validation)  # (N, D), (N, P) or None
+    scores = novelty.score(model.memory, keys)  # (N,)
+    if probes is not None and train is not None and probe_weight > 0:
+        trained = (train[1] < model.config.num_classes).nonzero().squeeze(1)  # the head's classes
+        pick = trained[stratified_indices(train[1][trained], min(PROBE_IMAGES, len(trained)), seed)]
+        novelty.calibrate_probe(encoded(train[0][pick])[1], train[1][pick], shrink)
+        novelty.set_standard(scores, novelty.probe_score(probes), probe_weight)
+        scores = novelty.combine(scores, probes)
+    novelty.detach_from(model.memory)  # training's later writes (if any) are not followed
     return float(torch.quantile(scores.double().cpu(), 1 - abstain))
+
+
+def with_probe(model: EnhancedClassifier) -> EnhancedClassifier:
+    """`model` itself, or, for a model saved before the ood_score's probe existed whose backbone
+    has one, the same model with room for the probe's Gaussians (uncalibrated)."""
+    if model.novelty is None or model.novelty.has_probe or not getattr(model.backbone, "probe_dim", 0):
+        return model
+    rebuilt = EnhancedClassifier(ClassifierConfig(**{**model.config.to_dict(), "novelty_probe": True}))
+    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("novelty.") for k in missing):
+        raise ValueError(f"state does not fit the model with a probe ({missing[:3]}, {unexpected[:3]})")
+    rebuilt.policy = model.policy
+    if rebuilt.memory is not None:
+        rebuilt.memory._recount()
+    return rebuilt.eval()
 
 
 def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None,
                    policy: dict | None = None, ds: Dataset | None = None,
-                   novelty_shrink: float = NOVELTY_SHRINK, choose_online: bool = False) -> Path:
+                   novelty_shrink: float = NOVELTY_SHRINK, choose_online: bool = False,
+                   probe_weight: float = PROBE_WEIGHT) -> Path:
     """Give a model trained before training kept them its replay features (the same seeded
     pick from the same training split, rebuilt from the manifest) and, where given, the
     taught-row policy settings (None values: keep); with `choose_online` the online-learning
@@ -95,7 +130,8 @@ def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None
     if record.get("exclude_classes"):
         ds = keep_classes(ds, record["exclude_classes"])
     train, val, _ = carve_validation(ds.train, record["validation_size"], record["validation_seed"])
-    config = ClassifierConfig(**{**loaded.model.config.to_dict(), "replay_per_class": per_class, "novelty": True})
+    config = ClassifierConfig(**{**loaded.model.config.to_dict(), "replay_per_class": per_class, "novelty": True,
+                                 "novelty_probe": True})
     model = EnhancedClassifier(config)
     made_here = ("taught.", "novelty.")  # replaced
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith(made_here)}
@@ -105,7 +141,8 @@ def retrofit_model(store, name: str, per_class: int, data_dir: str | None = None
     model.policy = loaded.model.policy.replace(**(policy or {}))
     # training seeds the pick with its seed, which is also the validation split's
     fill_replay(model, train.images, train.labels, loaded.input.mean, loaded.input.std, record["validation_seed"])
-    threshold = calibrate_novelty(model, val.images, loaded.input.mean, loaded.input.std, novelty_shrink)
+    threshold = calibrate_novelty(model, val.images, loaded.input.mean, loaded.input.std, novelty_shrink,
+                                  (train.images, train.labels), probe_weight, record["validation_seed"])
     model.policy = model.policy.replace(ood_threshold=threshold)
     if choose_online:  # as training does (online_choice.py)
         model.policy, found = choose_on_images(model, val.images, val.labels, loaded.input.mean, loaded.input.std,
@@ -179,7 +216,7 @@ def _time_backbone(backbone, x: torch.Tensor, seconds: float) -> float:
 def retrofit_engine(store, name: str, engine: str, calibration: int = CALIBRATION_IMAGES, seed: int = 0,
                     data_dir: str | None = None, policy: dict | None = None, ds: Dataset | None = None,
                     novelty_shrink: float | None = None, speed_seconds: float = 1.0, log=print,
-                    choose_online: bool = False) -> EngineReport:
+                    choose_online: bool = False, probe_weight: float | None = None) -> EngineReport:
     """Give stored model `name` the CPU inference engine `engine` (core/engine.py), saved as a
     new version only when it passes the gate; EngineRefused (nothing written) otherwise.
 
@@ -242,7 +279,7 @@ def retrofit_engine(store, name: str, engine: str, calibration: int = CALIBRATIO
     mem_idx = stratified_indices(train.labels, items, seed) if items else torch.zeros(0, dtype=torch.int64)
     models, results, policies, variants = {}, {}, {}, {}
     for variant, backbone in backbones.items():
-        model = load_model(store, name).model  # its own copy of the shipped state, rebuilt below
+        model = with_probe(load_model(store, name).model)  # its own copy of the shipped state, rebuilt below
         if backbone is not None:
             model.backbone = backbone
         model.eval()
@@ -251,7 +288,10 @@ def retrofit_engine(store, name: str, engine: str, calibration: int = CALIBRATIO
         fill_replay(model, train.images, train.labels, mean, std, record["validation_seed"])
         shrink = novelty_shrink if novelty_shrink is not None else (
             float(model.novelty.shrink) if model.novelty is not None and model.novelty.calibrated else NOVELTY_SHRINK)
-        ood = calibrate_novelty(model, val.images, mean, std, shrink)
+        novelty = model.novelty
+        weight = probe_weight if probe_weight is not None else (
+            float(novelty.probe_weight) if novelty is not None and novelty.probe_calibrated else PROBE_WEIGHT)
+        ood = calibrate_novelty(model, val.images, mean, std, shrink, (train.images, train.labels), weight, seed)
         if choose_online and variant == EAGER:  # the online settings: one choice, on the eager network's keys
             base_policy, online = choose_on_images(model, val.images, val.labels, mean, std, base_policy,
                                                    record["validation_seed"])

@@ -317,8 +317,9 @@ def load_model(store: str | Path, name: str, keys_of: str = EAGER) -> LoadedMode
     d = model_dir(store, name)
     manifest = read_manifest(d)
     try:
-        # models saved before the replay features existed have none
-        config = ClassifierConfig(**{"replay_per_class": 0, "novelty": False, **manifest["classifier"]})
+        # models saved before the replay features, the ood_score or its probe existed have none
+        config = ClassifierConfig(**{"replay_per_class": 0, "novelty": False, "novelty_probe": False,
+                                     **manifest["classifier"]})
         input_spec = InputSpec(**manifest["input"])
         policy = RoutingPolicy.from_dict(manifest["routing"])
     except (TypeError, ValueError) as e:

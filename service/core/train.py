@@ -55,7 +55,7 @@ from .training_reports import history_csv, plot_training
 
 # ClassifierConfig fields training takes from the data set (classifier_for), so no flags of their own
 FROM_DATASET = ("num_classes", "in_chans", "image_size", "memory_classes")
-WHITENING_IMAGES = 5000  # the first training images, whose patches whiten the first convolution (airbench's count)
+WHITENING_IMAGES = 5000  # training images whose patches whiten the first convolution (airbench's count)
 
 
 # --- the experiment ---------------------------------------------------------------------------
@@ -88,7 +88,8 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
 
     cc = replay_within_rarest_class(classifier_for(cc, data.dataset, tc.extra_memory_classes), data.train)
     model = EnhancedClassifier(cc).to(tc.device, memory_format=torch.channels_last)  # the memory too
-    start_recipe(model, tc, normalize(data.train.images[:WHITENING_IMAGES], data.mean, data.std))
+    whitening = data.train.images[whitening_sample(len(data.train.labels), tc.seed)]
+    start_recipe(model, tc, normalize(whitening, data.mean, data.std))
     opt, sched = make_optimizer(model, tc, tc.epochs * run.steps_per_epoch)
     lookahead = Lookahead(model, tc.epochs * run.steps_per_epoch) if tc.recipe_settings.lookahead else None
     # data order and augmentation, alike on every process; on the data's device, so that
@@ -115,7 +116,8 @@ def _run_training(tc: TrainConfig, cc: ClassifierConfig, policy: RoutingPolicy, 
     fill_replay(model, data.train.images, data.train.labels, data.mean, data.std, tc.seed)  # alike on every rank
     # "none of these": the ood_score's Gaussians on the memory, the abstain threshold on validation
     model.policy = policy = policy.replace(ood_threshold=calibrate_novelty(
-        model, data.validation.images, data.mean, data.std, tc.novelty_shrink))
+        model, data.validation.images, data.mean, data.std, tc.novelty_shrink, (data.train.images, data.train.labels),
+        tc.novelty_probe_weight, tc.seed))
     model.policy = policy = choose_online(run, model, policy, online := {})
     speed = evaluate_inference_speed(model, data.test.images, data.mean, data.std) if run.main else {}
     report = training_report(run, model, progress, sweep, test, speed) | {"tta_choice": tta, "online_choice": online}
@@ -181,6 +183,13 @@ def classifier_for(cc: ClassifierConfig, ds: Dataset, extra_memory_classes: int)
     memory label space with room for `extra_memory_classes` taught later."""
     return replace(cc, num_classes=len(ds.classes), in_chans=ds.in_chans, image_size=ds.image_size,
                    memory_classes=len(ds.classes) + extra_memory_classes)
+
+
+def whitening_sample(n: int, seed: int) -> torch.Tensor:
+    """Indices of the WHITENING_IMAGES training images the first convolution is whitened on: a
+    seeded draw, not the first ones, because a data set stored class by class (the CIFAR-10 JPEG
+    zip) would give the whitening mostly one class's patches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:WHITENING_IMAGES]
 
 
 def alternating_flips(tc: TrainConfig, n: int) -> torch.Tensor | None:

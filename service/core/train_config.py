@@ -64,8 +64,10 @@ class TrainConfig:
     """Try --tta flip on the validation split; keep it only if it adds >= TTA_MIN_GAIN points (it doubles the network's cost). Off: keep --tta."""
     choose_online: bool = True
     """Choose how feedback teaches new classes (the routing policy's taught_bias, taught_l2, new_class_threshold) on the validation split (core/online_choice.py); off: keep the flags."""
-    novelty_shrink: float = 0.01
-    """Covariance shrinkage of the ood_score's Gaussians (bench/experiments/ood.py chose it on validation data)."""
+    novelty_shrink: float = 0.001
+    """Covariance shrinkage of the ood_score's Gaussians (bench/experiments/ood.py chose it on validation data, both data sets)."""
+    novelty_probe_weight: float = 0.25
+    """Weight of the backbone's probe in the ood_score (core/novelty.py; 0: the memory's part alone; bench/experiments/ood.py chose it on validation data: the best mean over both data sets)."""
     limit_train: int | None = None
     """Train on a seeded, class-stratified subset of N images (quick runs and tests)."""
     limit_test: int | None = None
@@ -90,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.novelty_shrink <= 1.0:
             raise ValueError(f"--novelty-shrink must be in [0, 1], got {self.novelty_shrink}")
+        if self.novelty_probe_weight < 0:
+            raise ValueError(f"--novelty-probe-weight must be >= 0, got {self.novelty_probe_weight}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.memory_loss_weight < 0:

@@ -156,7 +156,8 @@ class ModelRuntime:
     def predict(self, images: torch.Tensor) -> Served:
         """(B, C, H, W) normalised images (on the CPU) -> routed predictions (on the CPU)."""
         t0 = time.perf_counter()
-        keys, hidden = self.model.embed(images.to(self.device, non_blocking=True))  # (B, D) memory keys, the exit's activations: no lock
+        # (B, D) memory keys, the exit's activations, the ood_score's probes (or None): no lock
+        keys, hidden, probes = self.model.encode(images.to(self.device, non_blocking=True))
         t1 = time.perf_counter()
         with self.lock:  # the memory read, and the names of what it found, as of one moment
             r = self.model.retrieve(keys.float(), self.policy)
@@ -165,7 +166,7 @@ class ModelRuntime:
                     for s in slots]
             nearest = [self.vocab.name(int(self.memory.labels[s])) if s != EMPTY else None for s in slots]
         t2 = time.perf_counter()
-        p = self.model.finish(r, hidden, self.policy).cpu()
+        p = self.model.finish(r, hidden, self.policy, probes).cpu()
         p.timings_ms.update(features=1e3 * (t1 - t0), memory=1e3 * (t2 - t1))
         return Served(p, fids, nearest)
 
