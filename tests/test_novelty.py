@@ -179,6 +179,8 @@ def test_the_probe_part_is_standardised_on_validation_weighted_and_added_to_the_
     served = m.predict(x_val).ood_score
     assert torch.allclose(served, expected, atol=1e-3)
     assert 0.0 < (served > threshold).float().mean() <= 0.05
+    n.probe_weight.fill_(1.4)  # a write into a buffer (as a load makes) is read by the next score
+    assert torch.allclose(m.predict(x_val).ood_score, (memory_part - m_) / s_ + 1.4 * (probe_part - mp) / sp, atol=1e-3)
 
 
 def test_at_probe_weight_zero_or_without_training_images_the_score_is_the_memory_part_alone():

@@ -57,6 +57,7 @@ class Novelty(nn.Module):
             self.register_buffer("probe_precision", torch.zeros(probe_dim, probe_dim))  # (P, P); zeros = unused
             self.register_buffer("standard", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # m, s, m_p, s_p
             self.register_buffer("probe_weight", torch.zeros(()))
+        self._probe_terms: tuple | None = None  # (buffer versions, terms): see _probe
         self.classes = classes
         self._follow(None)
         self._sums = torch.zeros(classes, dim, dtype=torch.float64)  # (C, D) unit keys summed per class
@@ -70,7 +71,23 @@ class Novelty(nn.Module):
 
     @property
     def probe_calibrated(self) -> bool:
-        return self.has_probe and bool(self.probe_precision.any())
+        return self.has_probe and self._probe()["weight"] > 0
+
+    def _probe(self) -> dict:
+        """What every score reads of the probe's buffers, computed once per change of them
+        (a tensor's _version counts its in-place writes: calibration, a load into it; a move
+        to another device makes new tensors)."""
+        versions = tuple((b.data_ptr(), b._version)
+                         for b in (self.probe_means, self.probe_precision, self.standard, self.probe_weight))
+        if self._probe_terms is None or self._probe_terms[0] != versions:
+            held = self.probe_means.any(1)  # (Ct,) classes the calibration saw
+            mu = self.probe_means[held].float()  # (Ct', P)
+            mq = mu @ self.probe_precision  # (Ct', P)
+            m, s, mp, sp = self.standard.tolist()
+            weight = float(self.probe_weight) if self.probe_precision.any() else 0.0
+            self._probe_terms = versions, {"mq": mq, "mqm": (mq * mu).sum(1), "m": m, "s": s, "mp": mp, "sp": sp,
+                                           "weight": weight}
+        return self._probe_terms[1]
 
     @torch.no_grad()
     def calibrate_probe(self, probes: torch.Tensor, labels: torch.Tensor, shrink: float) -> None:
@@ -84,10 +101,9 @@ class Novelty(nn.Module):
     @torch.no_grad()
     def probe_score(self, probes: torch.Tensor) -> torch.Tensor:
         """(B, P) probes -> (B,) squared Mahalanobis distance to the nearest trained class's probe mean."""
-        held = self.probe_means.any(1)  # (Ct,) classes the calibration saw
-        mu, q = self.probe_means[held].float(), probes.float()  # (Ct', P), (B, P)
-        qm = q @ self.probe_precision  # (B, P)
-        d = (qm * q).sum(1, keepdim=True) - 2 * qm @ mu.T + ((mu @ self.probe_precision) * mu).sum(1)  # (B, Ct')
+        t, q = self._probe(), probes.float()  # (B, P)
+        qq = ((q @ self.probe_precision) * q).sum(1, keepdim=True)  # (B, 1)
+        d = qq - 2 * q @ t["mq"].T + t["mqm"]  # (B, Ct'): the precision is symmetric
         return d.min(1).values
 
     def combine(self, score: torch.Tensor, probes: torch.Tensor | None) -> torch.Tensor:
@@ -95,8 +111,8 @@ class Novelty(nn.Module):
         parts standardised and summed (module docstring)."""
         if probes is None or not self.probe_calibrated:
             return score
-        m, s, mp, sp = self.standard.tolist()
-        return (score - m) / s + float(self.probe_weight) * (self.probe_score(probes) - mp) / sp
+        t = self._probe()
+        return (score - t["m"]) / t["s"] + t["weight"] * (self.probe_score(probes) - t["mp"]) / t["sp"]
 
     def set_standard(self, score: torch.Tensor, probe_score: torch.Tensor, weight: float) -> None:
         """Each part's mean and standard deviation on the validation images, and the probe's weight."""
