@@ -479,6 +479,11 @@ def request_cost_table() -> str:
         rows.append(f"| the model with its memory, per image at batch {bsz} (backbone alone) | "
                     f"{ip[f'predict_per_image_us_b{bsz}']['median']:.0f} "
                     f"({ip[f'backbone_per_image_us_b{bsz}']['median']:.0f}) |")
+    for bsz in (1, 32):
+        if f"probe_on_per_image_us_b{bsz}" in ip:
+            on, off = ip[f"probe_on_per_image_us_b{bsz}"]["median"], ip[f"probe_off_per_image_us_b{bsz}"]["median"]
+            rows.append(f"| the same at batch {bsz}, back to back: with the ood_score's probe / the memory's part "
+                        f"alone | {on:.0f} / {off:.0f} ({on - off:+.0f}) |")
     rows += ["", "| over HTTP, default server, hey, 32 clients | requests/s | server CPU us / request |",
              "|---|---|---|"]
     for k, label in (("healthz", "GET /healthz"), ("refused_predict_422", "POST /predict refused after its JSON "

@@ -24,8 +24,10 @@ choose (test sets not read): far: in-distribution = the model's own validation s
   from its manifest), out-of-distribution = the other data set's TRAINING images; near: the
   8-class model of the same data set (bench/train_models.sh fashion-mnist-8, cifar10-8), its
   validation split against the held-out classes' TRAINING images. Of the scores the service
-  computes (maha-s, maha-s+probe-w) the one with the highest mean of the far and near AUROCs is
-  kept (its s and w are the model's `--novelty-shrink` and `--novelty-probe-weight`), and its
+  computes at the model's own shrink s (maha-s, maha-s+probe-w: s also scales the distances the
+  taught rows weigh, with which training chose the online-learning settings) the one with the
+  highest mean of the far and near AUROCs is kept (its w is the model's
+  `--novelty-probe-weight`), and its
   threshold is the 95th percentile of the in-distribution validation scores (at most 5% of them
   abstain: what training and retrofit do). The best of all candidates is recorded beside it.
 test: the chosen score and threshold on the test sets: in-distribution test images, the other
@@ -181,7 +183,8 @@ def scores_for(model_name: str, split: str, n_out: int, store=None, name_in_stor
     out_split = other.train if split == "validation" else other.test
     x_out = as_uploads(out_split.images[pick(n_out, len(out_split.labels), 2)], spec)
     return {"in": raw_scores(model, x_in, scorers), "out": raw_scores(model, x_out, scorers),
-            "version": manifest.get("version"), "n_in": len(x_in), "n_out": len(x_out)}
+            "version": manifest.get("version"), "n_in": len(x_in), "n_out": len(x_out),
+            "shrink": f"{float(model.novelty.shrink):g}"}
 
 
 NEAR = {"fashion-mnist": ("fashion-mnist-8", ["Sneaker", "Bag"]), "cifar10": ("cifar10-8", ["truck", "ship"])}
@@ -219,7 +222,10 @@ def choose(args) -> dict:
         far = {k: auroc(ins[k], outs[k]) for k in ins}
         n = near_scores(m, "validation", args.n_out)
         near = {k: auroc(n["in"][k], n["out"][k]) for k in n["in"]}
-        both = {k: (far[k] + near[k]) / 2 for k in far if served(k) and k in near}
+        # the memory part's shrink stays the model's: the taught rows' evidence reads the same
+        # distances, and training chose the online-learning settings with it (online_choice.py)
+        both = {k: (far[k] + near[k]) / 2 for k in far if served(k) and k in near
+                and k.split("+")[0] == f"maha-{s['shrink']}"}
         best = max(both, key=both.get)
         best_any = max(far, key=far.get)
         threshold = float(torch.quantile(ins[best].double(), 1 - IN_ABSTAIN))

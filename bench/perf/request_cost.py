@@ -3,8 +3,9 @@
 In this process, one torch thread (as each `serve` worker runs), CPU time per call, median
 of 5 repeats: reading the JSON body, the header read for the pixel budget, decoding a
 28x28 PNG, the model with its memory (`ModelRuntime.predict`: backbone, search, routing) and
-the backbone alone per image at batch 1..32, building and serialising the answer, and the
-request's Prometheus updates (multiprocess mode, as `serve` runs them).
+the backbone alone per image at batch 1..32, the model with and without the ood_score's probe
+(back to back, batch 1 and 32), building and serialising the answer, and the request's
+Prometheus updates (multiprocess mode, as `serve` runs them).
 Then over HTTP, this service with default settings (fresh process, empty state folder),
 `hey` with 32 clients: server CPU per request (the whole process group) for GET /healthz,
 a /predict refused after its JSON is parsed (invalid base64, 422), and a real /predict.
@@ -68,6 +69,15 @@ def in_process(model: str, pngs: list[bytes]) -> dict:
             with torch.no_grad():
                 out[f"backbone_per_image_us_b{b}"] = {k: v / b for k, v in
                                                       cpu_us(lambda: rt.model.embed(x), calls).items() if k != "n"}
+        novelty = rt.model.novelty
+        if novelty is not None and novelty.probe_calibrated:  # the ood_score's probe: what it adds, back to back
+            weight = float(novelty.probe_weight)
+            for b in (1, 32):
+                x, calls = images[:b], max(10, 320 // b)
+                for name, w in (("probe_off", 0.0), ("probe_on", weight)):  # weight 0: the memory's part alone
+                    novelty.probe_weight.fill_(w)
+                    out[f"{name}_per_image_us_b{b}"] = {k: v / b for k, v in cpu_us(lambda: rt.predict(x), calls).items()
+                                                        if k != "n"}
         metrics = Metrics()
         state = SimpleNamespace(config=SimpleNamespace(top_k=5), metrics=metrics)
         served = rt.predict(images[:1])

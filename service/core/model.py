@@ -318,7 +318,9 @@ class EnhancedClassifier(nn.Module):
                probes: torch.Tensor | None = None) -> Prediction:
         """Memory answer where `route` says so; the rest of the network (one batched call) for
         the others. With taught rows the head is extended by them (see routing). `probes`
-        (from `encode`) complete the ood_score where the model has them.
+        (from `encode`) complete the ood_score where the model has them: without them a model
+        whose probe is calibrated scores the memory's part alone, in other units than its
+        ood_threshold (callers reading only labels may leave them out).
 
         Device: every tensor is made on `hidden`'s device (the model's), and the Prediction's
         fields stay there: nothing is copied to the host here (`Prediction.cpu()` does it in

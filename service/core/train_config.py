@@ -64,8 +64,8 @@ class TrainConfig:
     """Try --tta flip on the validation split; keep it only if it adds >= TTA_MIN_GAIN points (it doubles the network's cost). Off: keep --tta."""
     choose_online: bool = True
     """Choose how feedback teaches new classes (the routing policy's taught_bias, taught_l2, new_class_threshold) on the validation split (core/online_choice.py); off: keep the flags."""
-    novelty_shrink: float = 0.001
-    """Covariance shrinkage of the ood_score's Gaussians (bench/experiments/ood.py chose it on validation data, both data sets)."""
+    novelty_shrink: float = 0.01
+    """Covariance shrinkage of the ood_score's Gaussians (bench/experiments/ood.py chose it on validation data)."""
     novelty_probe_weight: float = 0.25
     """Weight of the backbone's probe in the ood_score (core/novelty.py; 0: the memory's part alone; bench/experiments/ood.py chose it on validation data: the best mean over both data sets)."""
     limit_train: int | None = None
