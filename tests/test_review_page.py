@@ -248,10 +248,11 @@ def test_the_page_loads_nothing_but_its_own_files(browser, shared_server):
 
 def test_the_review_queue_lists_unsure_images_newest_first_and_one_key_teaches_or_dismisses(browser, tmp_path,
                                                                                           images):
-    """REVIEW_QUEUE=on with an ood threshold every answer is over: each image joins the queue."""
+    """REVIEW_QUEUE=on with an ood threshold every answer is over (the score is standardised: it can be
+    negative): each image joins the queue."""
     import httpx
 
-    s = Server(tmp_path / "state", TOKEN, REVIEW_QUEUE="on", OOD_THRESHOLD="-1").start()
+    s = Server(tmp_path / "state", TOKEN, REVIEW_QUEUE="on", OOD_THRESHOLD="-1e9").start()
     try:
         open_page(browser, s)
         until(browser, lambda d: text(d, "#queue-msg") == "Nothing to review.", "the empty queue")
