@@ -218,7 +218,7 @@ def ood_choice_table() -> str:
         far, near, both = c["auroc"], c["near_auroc"], c["mean_far_near"]
         alone = max((k for k in both if "+" not in k), key=both.get)
         probe = max((k for k in far if k.startswith("probe-")), key=far.get)
-        for k, what in ((alone, "the memory's part alone (best shrink)"), (probe, "the probe's part alone"),
+        for k, what in ((alone, "the memory's part alone"), (probe, "the probe's part alone"),
                         (c["chosen"], "**chosen**")):
             rows.append(f"| {names[m]} | `{k}`: {what} | {far[k]:.4f} | {near[k]:.4f} | "
                         f"{(far[k] + near[k]) / 2:.4f} |")
