@@ -101,7 +101,10 @@ class Novelty(nn.Module):
     @torch.no_grad()
     def probe_score(self, probes: torch.Tensor) -> torch.Tensor:
         """(B, P) probes -> (B,) squared Mahalanobis distance to the nearest trained class's probe mean."""
-        t, q = self._probe(), probes.float()  # (B, P)
+        return self._probe_distance(self._probe(), probes)
+
+    def _probe_distance(self, t: dict, probes: torch.Tensor) -> torch.Tensor:
+        q = probes.float()  # (B, P)
         qq = ((q @ self.probe_precision) * q).sum(1, keepdim=True)  # (B, 1)
         d = qq - 2 * q @ t["mq"].T + t["mqm"]  # (B, Ct'): the precision is symmetric
         return d.min(1).values
@@ -109,10 +112,12 @@ class Novelty(nn.Module):
     def combine(self, score: torch.Tensor, probes: torch.Tensor | None) -> torch.Tensor:
         """The ood_score: `score` (the memory part) alone without a calibrated probe, else both
         parts standardised and summed (module docstring)."""
-        if probes is None or not self.probe_calibrated:
+        if probes is None or not self.has_probe:
             return score
-        t = self._probe()
-        return (score - t["m"]) / t["s"] + t["weight"] * (self.probe_score(probes) - t["mp"]) / t["sp"]
+        t = self._probe()  # read once per batch
+        if t["weight"] <= 0:
+            return score
+        return (score - t["m"]) / t["s"] + t["weight"] * (self._probe_distance(t, probes) - t["mp"]) / t["sp"]
 
     def set_standard(self, score: torch.Tensor, probe_score: torch.Tensor, weight: float) -> None:
         """Each part's mean and standard deviation on the validation images, and the probe's weight."""
